@@ -1,0 +1,1 @@
+"""Triton GPU kernels (shipped as the subpackage cai_engine.kernels)."""

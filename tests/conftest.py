@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("CAI_ENGINE_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "cai-engine"))
+
+from cai_engine.checkpoint import build_model, our_name  # noqa: E402
+from cai_engine.config import ModelConfig  # noqa: E402
+from cai_engine.tokenizer import Tokenizer  # noqa: E402
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """A byte-level BPE over the 256 bytes plus two merges and ChatML specials: enough to round-trip files."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["he"] = len(vocab)
+    vocab["ll"] = len(vocab)
+    backend = Backend(models.BPE(vocab=vocab, merges=[("h", "e"), ("l", "l")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    return Tokenizer(backend, chat_template=CHATML, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                     pad_token="<|endoftext|>")
+
+
+def hf_config(kind: str, tied: bool, **overrides):
+    import transformers
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=tied, rms_norm_eps=1e-5, bos_token_id=257, eos_token_id=258,
+                  pad_token_id=256)
+    common.update(overrides)
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "mistral": transformers.MistralConfig}[kind]
+    return cls(**common)
+
+
+def hf_and_ours(kind: str, tied: bool, seed: int = 0, **overrides):
+    import transformers
+    torch.manual_seed(seed)
+    cfg = hf_config(kind, tied, **overrides)
+    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+           "mistral": transformers.MistralForCausalLM}[kind]
+    hf = cls(cfg).eval()
+    with torch.no_grad():  # random, non-trivial norms and biases so that a mix-up shows
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.5)
+    ours_cfg = ModelConfig.from_hf(cfg.to_dict(), source="test")
+    tensors = {our_name(k): (v, "test") for k, v in hf.state_dict().items()}
+    ours = build_model(ours_cfg, tensors, dtype=torch.float32, device="cpu")
+    return hf, ours
+
+
+@pytest.fixture
+def tokenizer() -> Tokenizer:
+    return tiny_tokenizer()
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
