@@ -1,8 +1,19 @@
 #include "common.h"
+#include "logprob.h"
 #include "rowstats.h"
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "cai-engine CPU kernels (no libtorch: plain buffers in, buffers out)";
   m.def("logsumexp_rows", &logsumexp_rows, py::arg("x"),
         "log(sum(exp(x), axis=1)) of a float32 [rows, cols] array, computed stably.");
+  m.def("logprob_forward", &logprob_forward, py::arg("logits"), py::arg("labels"), py::arg("inv_temp"),
+        py::arg("ignore_index"), py::arg("logp"), py::arg("lse"), py::arg("entropy") = py::none(),
+        "Row statistics of softmax(logits * inv_temp): writes log p(label), log-sum-exp and (optionally) entropy.");
+  m.def("logprob_backward", &logprob_backward, py::arg("logits"), py::arg("labels"), py::arg("inv_temp"),
+        py::arg("ignore_index"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"),
+        "Overwrites raw logits in place with d(loss)/d(logits) given the upstream per-row gradients.");
+  m.def("kl_forward", &kl_forward, py::arg("logits"), py::arg("ref_logits"), py::arg("inv_temp"), py::arg("kl"),
+        py::arg("lse"), py::arg("mean_diff"), "Per-row KL(softmax(logits) || softmax(ref_logits)) at a temperature.");
+  m.def("kl_backward", &kl_backward, py::arg("logits"), py::arg("ref_logits"), py::arg("inv_temp"), py::arg("lse"),
+        py::arg("mean_diff"), py::arg("grad_kl"), "Overwrites logits in place with d(loss)/d(logits) of the KL.");
 }

@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("CAI_ENGINE_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "cai-engine"))
 
 from cai_engine.checkpoint import build_model, our_name  # noqa: E402
@@ -74,3 +76,18 @@ def has_module(name: str) -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+BACKENDS = ["native", "triton", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Every op test runs once per backend (Triton through TRITON_INTERPRET on a CPU-only machine)."""
+    if request.param == "triton" and not torch.cuda.is_available() and not has_module("triton"):
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", request.param)
+    return request.param
+
+
+def device_for(backend: str) -> str:
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"

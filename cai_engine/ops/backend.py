@@ -1,0 +1,32 @@
+"""Backend choice shared by every op: Triton on CUDA, native C++ on CPU, overridable."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("triton", "native", "torch")
+
+
+def choose_backend(t: torch.Tensor) -> str:
+    forced = os.environ.get("CAI_ENGINE_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"CAI_ENGINE_BACKEND={forced!r}: expected one of {BACKENDS}")
+        if forced == "native" and t.is_cuda:
+            raise ValueError("CAI_ENGINE_BACKEND=native runs on CPU tensors only; got a CUDA tensor")
+        if forced == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("CAI_ENGINE_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1")
+        return forced
+    return "triton" if t.is_cuda else "native"
+
+
+def as_numpy(t: torch.Tensor):
+    """Zero-copy numpy view of a contiguous CPU tensor (the native module takes plain buffers)."""
+    return t.detach().numpy()
+
+
+def check_finite_temperature(temperature: float) -> float:
+    if not (temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return 1.0 / float(temperature)

@@ -1,0 +1,169 @@
+"""KL penalties for PPO: Schulman's per-sample estimators, and the exact full-vocabulary KL.
+
+full_kl computes KL(pi || pi_ref) = sum_v p_v (log p_v - log q_v) per token from both models' hidden
+states, tile by tile, without building either distribution; the gradient flows to the policy side.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backend import as_numpy, check_finite_temperature, choose_backend
+from .logprob import _native_logits, chunk_rows, chunked_backward, prepare
+
+KL_KINDS = ("k1", "abs", "k2", "k3")
+MAX_LOG_RATIO = 20.0
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
+    """Per-token KL estimate from sampled-token log-probs of the policy and the reference.
+
+    k1 = log r, abs = |log r|, k2 = (log r)^2 / 2, k3 = exp(-log r) + log r - 1, with log r = logp - ref_logp
+    (k3 clamps log r to +-20 so exp cannot overflow).
+    """
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "abs":
+        return log_ratio.abs()
+    if kind == "k2":
+        return 0.5 * log_ratio.square()
+    if kind == "k3":
+        r = (-log_ratio).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+        return torch.exp(r) - r - 1
+    raise ValueError(f"kind={kind!r}: expected one of {KL_KINDS}")
+
+
+def full_kl_reference(hidden, weight, ref_hidden, ref_weight, temperature=1.0, bias=None, ref_bias=None):
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    z = hidden.to(dtype) @ weight.to(dtype).T
+    r = ref_hidden.to(dtype) @ ref_weight.to(dtype).T
+    if bias is not None:
+        z = z + bias.to(dtype)
+    if ref_bias is not None:
+        r = r + ref_bias.to(dtype)
+    logp = torch.log_softmax(z / temperature, -1)
+    logq = torch.log_softmax(r / temperature, -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _forward_native(h, w, b, rh, rw, rb, inv_temp):
+    from .. import _native
+    N, V = h.shape[0], w.shape[0]
+    kl, lse, md = (torch.empty(N, dtype=torch.float32) for _ in range(3))
+    rows = chunk_rows(V)
+    zbuf = torch.empty(min(rows, N), V)
+    rbuf = torch.empty_like(zbuf)
+    for i in range(0, N, rows):
+        j = min(i + rows, N)
+        z = _native_logits(h[i:j], w, b, zbuf[: j - i])
+        r = _native_logits(rh[i:j], rw, rb, rbuf[: j - i])
+        _native.kl_forward(as_numpy(z), as_numpy(r), inv_temp, as_numpy(kl[i:j]), as_numpy(lse[i:j]),
+                           as_numpy(md[i:j]))
+    return kl, lse, md
+
+
+@torch.library.custom_op("cai_engine::full_kl", mutates_args=())
+def _full_kl_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
+                ref_bias: Optional[Tensor], temperature: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    h, w, b = prepare(hidden, weight, bias, backend)
+    rh, rw, rb = prepare(ref_hidden, ref_weight, ref_bias, backend)
+    if backend == "native":
+        return _forward_native(h, w, b, rh, rw, rb, 1.0 / temperature)
+    from ..kernels import logprob as tk
+    return tk.kl_forward(h, w, b, rh, rw, rb, 1.0 / temperature)
+
+
+@_full_kl_op.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, backend):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("cai_engine::full_kl_backward", mutates_args=())
+def _full_kl_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
+                         ref_weight: Tensor, ref_bias: Optional[Tensor], lse: Tensor, mean_diff: Tensor,
+                         grad: Tensor, temperature: float, needs: list[bool],
+                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    h, w, b = prepare(hidden, weight, bias, backend)
+    rh, rw, rb = prepare(ref_hidden, ref_weight, ref_bias, backend)
+    inv_temp, g = 1.0 / temperature, grad.float().contiguous()
+    if backend == "native":
+        from .. import _native
+        rbuf = torch.empty(min(chunk_rows(w.shape[0]), h.shape[0]), w.shape[0])
+
+        def dz_chunk(i, j, buf):
+            z = _native_logits(h[i:j], w, b, buf)
+            r = _native_logits(rh[i:j], rw, rb, rbuf[: j - i])
+            _native.kl_backward(as_numpy(z), as_numpy(r), inv_temp, as_numpy(lse[i:j]), as_numpy(mean_diff[i:j]),
+                                as_numpy(g[i:j]))
+            return z
+    else:
+        from ..kernels import logprob as tk
+
+        def dz_chunk(i, j, buf):
+            return tk.kl_dz(h[i:j], w, b, rh[i:j], rw, rb, lse[i:j], mean_diff[i:j], g[i:j], inv_temp, buf)
+    dh, dw, db = chunked_backward(h, w, b, tuple(needs), dz_chunk)
+    return dh.to(hidden.dtype), dw.to(weight.dtype), db.to(weight.dtype if bias is None else bias.dtype)
+
+
+@_full_kl_backward_op.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, mean_diff, grad, temperature, needs, backend):
+    shapes = (hidden.shape, weight.shape, (weight.shape[0],))
+    like = (hidden, weight, weight if bias is None else bias)
+    return tuple(t.new_empty(s if n else (0,)) for t, s, n in zip(like, shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, backend = inputs
+    _, lse, mean_diff = output
+    ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, mean_diff)
+    ctx.args = (temperature, backend)
+
+
+def _backward_fn(ctx, grad_kl, _g_lse, _g_md):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, mean_diff = ctx.saved_tensors
+    temperature, backend = ctx.args
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    if bias is None:
+        needs[2] = False
+    dh, dw, db = _full_kl_backward_op(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, mean_diff,
+                                      grad_kl, temperature, needs, backend)
+    return (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
+            None, None, None, None, None)
+
+
+_full_kl_op.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+def full_kl(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, *, temperature: float = 1.0,
+            bias: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
+            mask: Optional[Tensor] = None) -> Tensor:
+    """Exact per-token KL(pi || pi_ref) over the whole vocabulary (fp32), differentiable for the policy side.
+
+    hidden/ref_hidden [..., d] and [..., d_ref]; weight [V, d], ref_weight [V, d_ref]. The reference side
+    gets no gradient. mask [...] (bool) zeroes positions that do not count.
+    """
+    check_finite_temperature(temperature)
+    if hidden.shape[:-1] != ref_hidden.shape[:-1]:
+        raise ValueError(f"ref_hidden: expected leading shape {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(ref_hidden.shape[:-1])}")
+    if weight.shape[0] != ref_weight.shape[0] or weight.shape[1] != hidden.shape[-1] \
+            or ref_weight.shape[1] != ref_hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} / ref_weight {tuple(ref_weight.shape)} do not match "
+                         f"hidden [..., {hidden.shape[-1]}] / ref_hidden [..., {ref_hidden.shape[-1]}] "
+                         "over one vocabulary")
+    lead = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    rh2 = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
+    rw, rb = ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
+    backend = choose_backend(hidden)
+    if backend == "torch":
+        kl = full_kl_reference(h2, weight, rh2, rw, temperature, bias, rb).float()
+    else:
+        if rh2.dtype != h2.dtype or rw.dtype != weight.dtype:
+            rh2, rw = rh2.to(h2.dtype), rw.to(weight.dtype)
+        kl = _full_kl_op(h2, weight, bias, rh2, rw, rb, float(temperature), backend)[0]
+    kl = kl.view(lead)
+    return kl if mask is None else kl * mask.to(kl.dtype)

@@ -1,0 +1,210 @@
+"""token_logprobs: per-token log p(label) and entropy of softmax(hidden @ W^T / T), fused.
+
+Forward keeps per-token statistics only (log-sum-exp, entropy); backward recomputes the logits one
+[chunk, V] tile at a time, turns the tile into d(loss)/d(logits) in place, and feeds it to two GEMMs
+(dh = dz @ W, dW += dz^T @ h). Backends: Triton (CUDA), native C++ epilogues around BLAS GEMMs (CPU),
+and the dense torch reference.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .backend import as_numpy, check_finite_temperature, choose_backend
+
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB of fp32
+
+
+def chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
+# ---------------------------------------------------------------- torch reference (dense)
+
+def token_logprobs_reference(hidden, weight, labels, bias=None, temperature=1.0, ignore_index=-100,
+                             return_entropy=False):
+    """The obvious dense implementation; computes in float64 when given float64."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    z = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        z = z + bias.to(dtype)
+    logp_all = torch.log_softmax(z / temperature, dim=-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * valid
+    entropy = None
+    if return_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1) * valid
+    return logp, entropy
+
+
+# ---------------------------------------------------------------- chunked driver (native + triton)
+
+def _native_logits(h: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
+    if b is None:
+        return torch.mm(h, w.T, out=out)
+    return torch.addmm(b, h, w.T, out=out)
+
+
+def _forward_native(h, w, b, labels, inv_temp, ignore_index, with_entropy):
+    from .. import _native
+    N, V = h.shape[0], w.shape[0]
+    logp = torch.empty(N, dtype=torch.float32)
+    lse = torch.empty(N, dtype=torch.float32)
+    ent = torch.empty(N, dtype=torch.float32) if with_entropy else torch.zeros(N, dtype=torch.float32)
+    rows = chunk_rows(V)
+    buf = torch.empty(min(rows, N), V, dtype=torch.float32)
+    for i in range(0, N, rows):
+        j = min(i + rows, N)
+        z = _native_logits(h[i:j], w, b, buf[: j - i])
+        _native.logprob_forward(as_numpy(z), as_numpy(labels[i:j]), inv_temp, ignore_index, as_numpy(logp[i:j]),
+                                as_numpy(lse[i:j]), as_numpy(ent[i:j]) if with_entropy else None)
+    return logp, ent, lse
+
+
+def chunked_backward(h: Tensor, w: Tensor, b: Optional[Tensor], needs: tuple[bool, bool, bool],
+                     dz_chunk: Callable[[int, int, Tensor], Tensor]):
+    """dh, dW, db from d(loss)/d(logits) produced one chunk at a time by `dz_chunk(i, j, buffer)`."""
+    N, V = h.shape[0], w.shape[0]
+    need_h, need_w, need_b = needs
+    acc = torch.float32
+    dh = torch.empty_like(h) if need_h else h.new_empty(0)
+    dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else w.new_empty(0)
+    db = torch.zeros(V, dtype=acc, device=w.device) if need_b else w.new_empty(0)
+    if not any(needs):
+        return dh, dw, db
+    rows = chunk_rows(V)
+    buf = torch.empty(min(rows, N), V, dtype=h.dtype, device=h.device)
+    for i in range(0, N, rows):
+        j = min(i + rows, N)
+        dz = dz_chunk(i, j, buf[: j - i])
+        if need_h:
+            torch.mm(dz, w, out=dh[i:j])
+        if need_w:
+            if dz.dtype == acc:
+                dw.addmm_(dz.T, h[i:j])
+            else:  # half-precision GEMM, fp32 accumulation across chunks
+                dw += torch.mm(dz.T, h[i:j])
+        if need_b:
+            db += dz.sum(0, dtype=acc)
+    return dh, dw, db
+
+
+def _backward(h, w, b, labels, lse, ent, g_lp, g_ent, inv_temp, ignore_index, needs, backend):
+    if backend == "native":
+        from .. import _native
+
+        def dz_chunk(i, j, buf):
+            z = _native_logits(h[i:j], w, b, buf)
+            _native.logprob_backward(as_numpy(z), as_numpy(labels[i:j]), inv_temp, ignore_index,
+                                     as_numpy(lse[i:j]), as_numpy(ent[i:j]), as_numpy(g_lp[i:j]),
+                                     as_numpy(g_ent[i:j]))
+            return z
+    else:
+        from ..kernels import logprob as tk
+
+        def dz_chunk(i, j, buf):
+            return tk.logprob_dz(h[i:j], w, b, labels[i:j], lse[i:j], ent[i:j], g_lp[i:j], g_ent[i:j], inv_temp,
+                                 ignore_index, buf)
+    return chunked_backward(h, w, b, needs, dz_chunk)
+
+
+def prepare(h: Tensor, w: Tensor, b: Optional[Tensor], backend: str):
+    """Contiguous operands; the native path computes in fp32 (half-precision CPU GEMMs would round the logits)."""
+    if backend == "native" and h.dtype != torch.float32:
+        return h.float().contiguous(), w.float().contiguous(), None if b is None else b.float().contiguous()
+    return h.contiguous(), w.contiguous(), None if b is None else b.contiguous()
+
+
+# ---------------------------------------------------------------- custom ops + autograd
+
+@torch.library.custom_op("cai_engine::token_logprobs", mutates_args=())
+def _token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature: float,
+                       ignore_index: int, with_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    inv_temp = 1.0 / temperature
+    h, w, b = prepare(hidden, weight, bias, backend)
+    labels = labels.contiguous()
+    if backend == "native":
+        return _forward_native(h, w, b, labels, inv_temp, ignore_index, with_entropy)
+    from ..kernels import logprob as tk
+    return tk.logprob_forward(h, w, b, labels, inv_temp, ignore_index, with_entropy)
+
+
+@_token_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend):
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("cai_engine::token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
+                                entropy: Tensor, grad_logp: Tensor, grad_entropy: Tensor, temperature: float,
+                                ignore_index: int, needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    h, w, b = prepare(hidden, weight, bias, backend)
+    dh, dw, db = _backward(h, w, b, labels.contiguous(), lse, entropy, grad_logp.float().contiguous(),
+                           grad_entropy.float().contiguous(), 1.0 / temperature, ignore_index, tuple(needs), backend)
+    return dh.to(hidden.dtype), dw.to(weight.dtype), db.to(weight.dtype if bias is None else bias.dtype)
+
+
+@_token_logprobs_backward_op.register_fake
+def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, needs, backend):
+    shapes = (hidden.shape, weight.shape, (weight.shape[0],))
+    like = (hidden, weight, weight if bias is None else bias)
+    return tuple(t.new_empty(s if n else (0,)) for t, s, n in zip(like, shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    ctx.args = (temperature, ignore_index, backend)
+
+
+def _backward_fn(ctx, grad_logp, grad_entropy, _grad_lse):
+    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+    temperature, ignore_index, backend = ctx.args
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    if bias is None:
+        needs[2] = False
+    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp
+    grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy
+    dh, dw, db = _token_logprobs_backward_op(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy,
+                                             temperature, ignore_index, needs, backend)
+    return (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
+            None, None, None, None, None)
+
+
+_token_logprobs_op.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- public API
+
+def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                   temperature: float = 1.0, ignore_index: int = -100,
+                   return_entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-token log p(label) (fp32) under softmax(hidden @ weight^T / temperature), without building the logits.
+
+    hidden [..., d], weight [V, d] (the LM head), labels [...]; ignored positions give 0 and no gradient.
+    With return_entropy, also the per-token entropy of that distribution (differentiable too).
+    """
+    check_finite_temperature(temperature)
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} to match hidden {tuple(hidden.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias: expected [{weight.shape[0]}], got {tuple(bias.shape)}")
+    backend = choose_backend(hidden)
+    lead = labels.shape
+    h2, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
+    if backend == "torch":
+        logp, ent = token_logprobs_reference(h2, weight, y, bias, temperature, ignore_index, return_entropy)
+        logp, ent = logp.float(), None if ent is None else ent.float()
+    else:
+        logp, ent, _ = _token_logprobs_op(h2, weight, bias, y, float(temperature), int(ignore_index),
+                                          bool(return_entropy), backend)
+    return logp.view(lead), (ent.view(lead) if return_entropy else None)
+
