@@ -17,6 +17,7 @@ from .tokenizer import Tokenizer
 
 MAX_SHARD_BYTES = 4 << 30
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+HEAD_TENSORS = ("score.weight",)  # task heads (the reward model's) are read by their owners, not the decoder
 
 
 def hf_name(name: str) -> str:
@@ -86,7 +87,7 @@ def read_safetensors(files: list[Path]) -> dict[str, tuple[torch.Tensor, str]]:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
-                    if key.endswith(_IGNORED_SUFFIXES):
+                    if key.endswith(_IGNORED_SUFFIXES) or key in HEAD_TENSORS:
                         continue
                     tensors[our_name(key)] = (f.get_tensor(key), str(path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -106,12 +107,15 @@ def load_hf_dir(directory: str | os.PathLike, *, dtype=None, device=None) -> tup
     return model, Tokenizer.from_dir(directory)
 
 
-def save_hf_dir(model: Transformer, tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
+def save_hf_dir(model: Transformer, tokenizer: Tokenizer, directory: str | os.PathLike, *,
+                extra_tensors: dict | None = None, config_overrides: dict | None = None) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_hf()
     cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    cfg.update(config_overrides or {})
     state = {hf_name(n): p.detach().to("cpu").contiguous() for n, p in model.named_parameters()}
+    state.update({k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()})
     shards, current, size = [], {}, 0
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()

@@ -12,6 +12,7 @@ using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using i64_array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 // Outputs are written in place: no forcecast, so a wrong dtype is an error instead of a silent copy.
 using f32_out = py::array_t<float, 0>;
+using i64_array_out = py::array_t<int64_t, 0>;
 
 inline void check_ndim(const py::array& a, int ndim, const char* name) {
   if (a.ndim() != ndim)

@@ -1,5 +1,6 @@
 #include "common.h"
 #include "logprob.h"
+#include "pm_loss.h"
 #include "rowstats.h"
 
 PYBIND11_MODULE(_native, m) {
@@ -16,4 +17,8 @@ PYBIND11_MODULE(_native, m) {
         py::arg("lse"), py::arg("mean_diff"), "Per-row KL(softmax(logits) || softmax(ref_logits)) at a temperature.");
   m.def("kl_backward", &kl_backward, py::arg("logits"), py::arg("ref_logits"), py::arg("inv_temp"), py::arg("lse"),
         py::arg("mean_diff"), py::arg("grad_kl"), "Overwrites logits in place with d(loss)/d(logits) of the KL.");
+  m.def("pm_pairs", &pm_pairs, py::arg("rewards"), py::arg("pairs"), py::arg("prob"), py::arg("weight"),
+        py::arg("margin"), py::arg("group"), py::arg("pair_loss"), py::arg("pair_grad"), py::arg("resp_grad"),
+        py::arg("group_weight"), py::arg("group_loss"), py::arg("group_pairs"), py::arg("resp_group"),
+        "Soft-label pairwise PM loss over all pairs: per-pair loss and d/d(gap), per-response and per-group sums.");
 }

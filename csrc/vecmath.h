@@ -14,7 +14,8 @@
 static inline float exp_nonpositive(float x) {
   const float lo = -87.0f;
   const float xc = x < lo ? lo : x;
-  const float kf = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
+  // round to nearest by the 1.5 * 2^23 trick: plain adds vectorise everywhere, floorf does not
+  const float kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (xc - kf * 0.693359375f) + kf * 2.12194440e-4f;
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;

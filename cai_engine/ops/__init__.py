@@ -1,5 +1,7 @@
 """Public ops: autograd + backend dispatch (Triton on CUDA, native C++ on CPU, torch reference)."""
 from .kl import full_kl, kl_penalty
 from .logprob import token_logprobs
+from .pm_loss import pairs_from_chosen_rejected, pairs_from_ranking, pairs_from_soft_matrix, pairwise_pm_loss
 
-__all__ = ["full_kl", "kl_penalty", "token_logprobs"]
+__all__ = ["full_kl", "kl_penalty", "pairs_from_chosen_rejected", "pairs_from_ranking", "pairs_from_soft_matrix",
+           "pairwise_pm_loss", "token_logprobs"]

@@ -1,0 +1,90 @@
+"""Shared benchmark plumbing: round-robin medians, peak extra memory in a fresh process, a ratio table."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_times(fns: dict[str, Callable[[], None]], repeats: int, device: str = "cpu") -> dict[str, float]:
+    """Median wall time of each function; runs them round-robin so machine noise hits all alike."""
+    for fn in fns.values():  # warm-up (kernel compilation, allocator)
+        fn()
+        sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak_here(setup: Callable[[], Callable[[], None]], device: str) -> int:
+    """Peak bytes allocated beyond what `setup` left (inputs), while running its returned function once."""
+    fn = setup()
+    fn()  # warm-up: one-time allocations (lazy imports, thread pools, kernel compilation) are not the op's
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+        f.write("5")
+    fn()
+    return (_rss_kib("VmHWM") - base) * 1024
+
+
+def peak_extra_memory(script: str, args: list[str]) -> int:
+    """Run `script --measure-memory ...` in a fresh process (CPU RSS peaks cannot be reset reliably in-process)."""
+    # A fixed mmap threshold makes glibc return every large block on free, so RSS peaks are the op's own
+    # (by default the threshold grows after the warm-up and freed blocks stay resident, hiding the peak).
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, script, *args], check=True, capture_output=True, text=True, env=env)
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def table(title: str, rows: dict[str, dict], baseline_names: list[str]) -> str:
+    """Markdown table: time, memory, and ratios of the first row against each named peer."""
+    lines = [f"### {title}", "", "| impl | median s | peak extra MiB | " + " | ".join(f"time / {b}" for b in baseline_names)
+             + " |", "|---|---|---|" + "---|" * len(baseline_names)]
+    for name, r in rows.items():
+        ratios = [f"{r['time'] / rows[b]['time']:.2f}x" if b in rows else "-" for b in baseline_names]
+        mem = "-" if r.get("mem") is None else f"{r['mem'] / 2**20:.0f}"
+        lines.append(f"| {name} | {r['time']:.3f} | {mem} | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def machine_line(device: str) -> str:
+    if device.startswith("cuda"):
+        hw = torch.cuda.get_device_name()
+    else:
+        hw = f"{os.cpu_count()} CPU threads (torch uses {torch.get_num_threads()})"
+    return f"{time.strftime('%Y-%m-%d')}, {hw}, torch {torch.__version__}"
