@@ -62,7 +62,8 @@ def build_model(config: ModelConfig, tensors: dict[str, tuple[torch.Tensor, str]
     return model.eval()
 
 
-def _safetensors_files(directory: Path) -> list[Path]:
+def weight_files(directory: Path) -> list[Path]:
+    """The model's safetensors files: the index's shards, else model*.safetensors, else any *.safetensors."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
@@ -73,7 +74,7 @@ def _safetensors_files(directory: Path) -> list[Path]:
             if not f.is_file():
                 raise CheckpointError(f"{index}: names shard {f.name}, which is missing")
         return files
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(directory.glob("model*.safetensors")) or sorted(directory.glob("*.safetensors"))
     if not files:
         pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
         extra = f" (found {pickled}: pickled weights are never loaded)" if pickled else ""
@@ -101,7 +102,7 @@ def load_hf_dir(directory: str | os.PathLike, *, dtype=None, device=None) -> tup
         raise CheckpointError(f"{directory}: not a directory")
     config_path = directory / "config.json"
     config = ModelConfig.from_hf(read_json(config_path), source=str(config_path))
-    model = build_model(config, read_safetensors(_safetensors_files(directory)), dtype=dtype, device=device)
+    model = build_model(config, read_safetensors(weight_files(directory)), dtype=dtype, device=device)
     gen_path = directory / "generation_config.json"
     model.generation_config = read_json(gen_path) if gen_path.is_file() else {}
     return model, Tokenizer.from_dir(directory)

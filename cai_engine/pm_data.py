@@ -34,7 +34,7 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
         if a != b:
             break
         common += 1
-    cut = chosen.rfind(ASSISTANT, 0, common - len(ASSISTANT) + 1)
+    cut = chosen.rfind(ASSISTANT, 0, common)
     if cut < 0:
         raise ValueError(f"chosen and rejected share no {ASSISTANT.strip()!r} turn to split the prompt at")
     cut += len(ASSISTANT)

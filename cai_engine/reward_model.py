@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from .checkpoint import save_hf_dir
+from .checkpoint import save_hf_dir, weight_files
 from .errors import CheckpointError
 from .loading import load_model
 from .model import Transformer
@@ -137,7 +137,7 @@ class RewardModel(nn.Module):
 def _read_head(path: Path) -> Tensor | None:
     if not path.is_dir():
         return None
-    for file in sorted(path.glob("*.safetensors")):
+    for file in weight_files(path):
         with safe_open(str(file), framework="pt") as f:
             if HEAD in f.keys():
                 return f.get_tensor(HEAD)

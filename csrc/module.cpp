@@ -19,6 +19,6 @@ PYBIND11_MODULE(_native, m) {
         py::arg("mean_diff"), py::arg("grad_kl"), "Overwrites logits in place with d(loss)/d(logits) of the KL.");
   m.def("pm_pairs", &pm_pairs, py::arg("rewards"), py::arg("pairs"), py::arg("prob"), py::arg("weight"),
         py::arg("margin"), py::arg("group"), py::arg("pair_loss"), py::arg("pair_grad"), py::arg("resp_grad"),
-        py::arg("group_weight"), py::arg("group_loss"), py::arg("group_pairs"), py::arg("resp_group"),
+        py::arg("group_stats"), py::arg("resp_group"),
         "Soft-label pairwise PM loss over all pairs: per-pair loss and d/d(gap), per-response and per-group sums.");
 }

@@ -1,32 +1,48 @@
-// Pairwise preference-model loss over all pairs in one pass (CPU).
+// Pairwise preference-model loss over all pairs (CPU).
 //
 // Per pair (i, j) with label p, margin m, weight w and reward gap d = r_i - r_j:
 //   loss = p * softplus(m - d) + (1 - p) * softplus(d + m)
 //   dloss/dd = -p * sigmoid(m - d) + (1 - p) * sigmoid(d + m)
-// Accumulates per-response weighted gradient sums and per-group weight / loss / pair counts; the caller
-// scales them for its reduction. A response belongs to one group, recorded in resp_group.
+// Pass 1 (vectorised, threaded) computes every pair; pass 2 scatters per-response weighted gradient
+// sums and per-group sums (rows of group_stats: weight, weighted loss, pairs, agreeing, decisive,
+// label-oriented margin). The caller scales them for its reduction. A response belongs to one group.
 #include "pm_loss.h"
 
-#include <cmath>
+#include <algorithm>
+#include <vector>
+
+#include "vecmath.h"
 
 namespace {
 
-inline double softplus(double x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
-inline double sigmoid(double x) {
-  if (x >= 0) return 1.0 / (1.0 + std::exp(-x));
-  const double e = std::exp(x);
-  return e / (1.0 + e);
+enum Stat { kWeight, kLoss, kPairs, kAgree, kDecisive, kMargin, kNumStats };
+
+// Contiguous inputs only (the gap is gathered beforehand) so that the loop vectorises.
+CAI_MULTIVERSION void pair_terms(const float* gap, const float* pr, const float* mg, int64_t n, float* loss,
+                                 float* grad) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const float d = gap[k], p = pr[k], m = mg[k];
+    const float x1 = m - d, x2 = d + m;
+    const float e1 = exp_nonpositive(x1 > 0 ? -x1 : x1), e2 = exp_nonpositive(x2 > 0 ? -x2 : x2);
+    const float sp1 = (x1 > 0 ? x1 : 0.f) + log1p_unit(e1), sp2 = (x2 > 0 ? x2 : 0.f) + log1p_unit(e2);
+    const float sg1 = (x1 >= 0 ? 1.f : e1) / (1.f + e1), sg2 = (x2 >= 0 ? 1.f : e2) / (1.f + e2);
+    loss[k] = p * sp1 + (1.f - p) * sp2;
+    grad[k] = -p * sg1 + (1.f - p) * sg2;
+  }
 }
 
 }  // namespace
 
 void pm_pairs(f32_array rewards, i64_array pairs, f32_array prob, f32_array weight, f32_array margin,
-              i64_array group, f32_out pair_loss, f32_out pair_grad, f32_out resp_grad, f32_out group_weight,
-              f32_out group_loss, f32_out group_pairs, i64_array_out resp_group) {
+              i64_array group, f32_out pair_loss, f32_out pair_grad, f32_out resp_grad, f32_out group_stats,
+              i64_array_out resp_group) {
   check_ndim(rewards, 1, "rewards");
   check_ndim(pairs, 2, "pairs");
   check_dim(pairs, 1, 2, "pairs");
-  const int64_t R = rewards.shape(0), P = pairs.shape(0), G = group_weight.shape(0);
+  check_ndim(group_stats, 2, "group_stats");
+  check_dim(group_stats, 0, kNumStats, "group_stats");
+  const int64_t R = rewards.shape(0), P = pairs.shape(0), G = group_stats.shape(1);
   for (auto* a : {&prob, &weight, &margin}) check_dim(*a, 0, P, "per-pair input");
   check_dim(group, 0, P, "group");
   check_dim(pair_loss, 0, P, "pair_loss");
@@ -48,27 +64,30 @@ void pm_pairs(f32_array rewards, i64_array pairs, f32_array prob, f32_array weig
                                   " is not a probability in [0, 1]");
   }
   float *pl = pair_loss.mutable_data(), *pg = pair_grad.mutable_data(), *rg = resp_grad.mutable_data();
-  float *gw = group_weight.mutable_data(), *gl = group_loss.mutable_data(), *gp = group_pairs.mutable_data();
+  float* st = group_stats.mutable_data();
   int64_t* rgp = resp_group.mutable_data();
   py::gil_scoped_release nogil;
+  std::vector<float> gap(P);
+  for (int64_t k = 0; k < P; ++k) gap[k] = r[pp[2 * k]] - r[pp[2 * k + 1]];
+  constexpr int64_t kBlock = 4096;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < P; b += kBlock)
+    pair_terms(gap.data() + b, pr + b, mg + b, std::min(kBlock, P - b), pl + b, pg + b);
   std::fill(rg, rg + R, 0.f);
-  std::fill(gw, gw + G, 0.f);
-  std::fill(gl, gl + G, 0.f);
-  std::fill(gp, gp + G, 0.f);
+  std::fill(st, st + kNumStats * G, 0.f);
   std::fill(rgp, rgp + R, int64_t{0});  // responses in no pair get zero gradient under group 0
   for (int64_t k = 0; k < P; ++k) {
     const int64_t i = pp[2 * k], j = pp[2 * k + 1], gk = g[k];
-    const double d = static_cast<double>(r[i]) - r[j], p = pr[k], m = mg[k];
-    const double loss = p * softplus(m - d) + (1 - p) * softplus(d + m);
-    const double grad = -p * sigmoid(m - d) + (1 - p) * sigmoid(d + m);
-    pl[k] = static_cast<float>(loss);
-    pg[k] = static_cast<float>(grad);
-    rg[i] += static_cast<float>(w[k] * grad);
-    rg[j] -= static_cast<float>(w[k] * grad);
-    gw[gk] += w[k];
-    gl[gk] += static_cast<float>(w[k] * loss);
-    gp[gk] += 1.f;
-    rgp[i] = gk;
-    rgp[j] = gk;
+    const float wg = w[k] * pg[k], d = gap[k], p = pr[k];
+    rg[i] += wg;
+    rg[j] -= wg;
+    rgp[i] = rgp[j] = gk;
+    const bool decisive = p != 0.5f;
+    st[kWeight * G + gk] += w[k];
+    st[kLoss * G + gk] += w[k] * pl[k];
+    st[kPairs * G + gk] += 1.f;
+    st[kDecisive * G + gk] += decisive;
+    st[kAgree * G + gk] += decisive ? (d == 0.f ? 0.5f : static_cast<float>((d > 0) == (p > 0.5f))) : 0.f;
+    st[kMargin * G + gk] += (2.f * p - 1.f) * d;
   }
 }

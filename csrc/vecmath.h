@@ -29,3 +29,17 @@ static inline float exp_nonpositive(float x) {
   std::memcpy(&scale, &bits, sizeof scale);
   return x < lo ? 0.0f : p * scale;
 }
+
+// log(1 + e) for e in [0, 1]: 2 atanh(e / (2 + e)) by its odd series (|s| <= 1/3, error < 1e-7),
+// exact for small e where forming 1 + e would round.
+static inline float log1p_unit(float e) {
+  const float s = e / (2.0f + e), s2 = s * s;
+  float p = 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}

@@ -21,8 +21,8 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _pm_pairs_kernel(r_ptr, pairs_ptr, prob_ptr, w_ptr, m_ptr, g_ptr, pl_ptr, pg_ptr, rg_ptr, gw_ptr, gl_ptr, gp_ptr,
-                     rgp_ptr, P, BLOCK: tl.constexpr):
+def _pm_pairs_kernel(r_ptr, pairs_ptr, prob_ptr, w_ptr, m_ptr, g_ptr, pl_ptr, pg_ptr, rg_ptr, st_ptr, rgp_ptr, P, G,
+                     BLOCK: tl.constexpr):
     k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = k < P
     i = tl.load(pairs_ptr + 2 * k, mask=mask, other=0)
@@ -38,21 +38,26 @@ def _pm_pairs_kernel(r_ptr, pairs_ptr, prob_ptr, w_ptr, m_ptr, g_ptr, pl_ptr, pg
     tl.store(pg_ptr + k, grad, mask=mask)
     tl.atomic_add(rg_ptr + i, w * grad, mask=mask)
     tl.atomic_add(rg_ptr + j, -w * grad, mask=mask)
-    tl.atomic_add(gw_ptr + g, w, mask=mask)
-    tl.atomic_add(gl_ptr + g, w * loss, mask=mask)
-    tl.atomic_add(gp_ptr + g, tl.where(mask, 1.0, 0.0), mask=mask)
+    # group_stats rows: weight, weighted loss, pairs, agreeing, decisive, label-oriented margin
+    decisive = tl.where(p != 0.5, 1.0, 0.0)
+    agree = tl.where(d == 0, 0.5, tl.where((d > 0) == (p > 0.5), 1.0, 0.0)) * decisive
+    tl.atomic_add(st_ptr + g, w, mask=mask)
+    tl.atomic_add(st_ptr + G + g, w * loss, mask=mask)
+    tl.atomic_add(st_ptr + 2 * G + g, tl.where(mask, 1.0, 0.0), mask=mask)
+    tl.atomic_add(st_ptr + 3 * G + g, agree, mask=mask)
+    tl.atomic_add(st_ptr + 4 * G + g, decisive, mask=mask)
+    tl.atomic_add(st_ptr + 5 * G + g, (2.0 * p - 1.0) * d, mask=mask)
     tl.store(rgp_ptr + i, g, mask=mask)
     tl.store(rgp_ptr + j, g, mask=mask)
 
 
-def pm_pairs(rewards, pairs, prob, weight, margin, group, pair_loss, pair_grad, resp_grad, group_weight, group_loss,
-             group_pairs, resp_group):
+def pm_pairs(rewards, pairs, prob, weight, margin, group, pair_loss, pair_grad, resp_grad, group_stats, resp_group):
     P = pairs.shape[0]
-    for t in (resp_grad, group_weight, group_loss, group_pairs, resp_group):
+    for t in (resp_grad, group_stats, resp_group):
         t.zero_()
     if P == 0:
         return
     block = 1024 if rewards.is_cuda else 64
     _pm_pairs_kernel[(triton.cdiv(P, block),)](rewards, pairs, prob, weight, margin, group, pair_loss, pair_grad,
-                                               resp_grad, group_weight, group_loss, group_pairs, resp_group, P,
+                                               resp_grad, group_stats, resp_group, P, group_stats.shape[1],
                                                BLOCK=block)

@@ -39,12 +39,14 @@ def pairwise_pm_loss_reference(rewards, pairs, prob, weight, margin, group, num_
     return loss
 
 
+STATS = ("weight", "loss", "pairs", "agree", "decisive", "margin")  # rows of the per-group sums
+
+
 def _pair_pass(rewards, pairs, prob, weight, margin, group, num_groups, backend):
     R, P = rewards.shape[0], pairs.shape[0]
     f32 = dict(dtype=torch.float32, device=rewards.device)
     out = dict(pair_loss=torch.empty(P, **f32), pair_grad=torch.empty(P, **f32), resp_grad=torch.empty(R, **f32),
-               group_weight=torch.empty(num_groups, **f32), group_loss=torch.empty(num_groups, **f32),
-               group_pairs=torch.empty(num_groups, **f32),
+               group_stats=torch.empty(len(STATS), num_groups, **f32),
                resp_group=torch.empty(R, dtype=torch.int64, device=rewards.device))
     args = (rewards.float().contiguous(), pairs.contiguous(), prob, weight, margin, group)
     if backend == "native":
@@ -58,12 +60,15 @@ def _pair_pass(rewards, pairs, prob, weight, margin, group, num_groups, backend)
 
 @torch.library.custom_op("cai_engine::pairwise_pm_loss", mutates_args=())
 def _pm_loss_op(rewards: Tensor, pairs: Tensor, prob: Tensor, weight: Tensor, margin: Tensor, group: Tensor,
-                num_groups: int, center_coef: float, reduction: str, backend: str) -> tuple[Tensor, Tensor]:
-    """Returns (loss, saved gradient): d loss / d rewards for scalar reductions, w * dloss/dgap per pair for "none"."""
+                num_groups: int, center_coef: float, reduction: str,
+                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, saved gradient, per-group sums): the saved gradient is d loss / d rewards for scalar
+    reductions, and w * dloss/dgap per pair for "none"."""
     s = _pair_pass(rewards, pairs, prob, weight, margin, group, num_groups, backend)
+    stats = s["group_stats"]
     if reduction == "none":
-        return weight * s["pair_loss"], weight * s["pair_grad"]
-    gw, gl, grad = s["group_weight"], s["group_loss"], s["resp_grad"]
+        return weight * s["pair_loss"], weight * s["pair_grad"], stats
+    gw, gl, grad = stats[0], stats[1], s["resp_grad"]
     if reduction == "sum":
         loss = gl.sum()
     elif reduction == "mean":
@@ -78,14 +83,15 @@ def _pm_loss_op(rewards: Tensor, pairs: Tensor, prob: Tensor, weight: Tensor, ma
         r = rewards.float()
         loss = loss + center_coef * r.square().mean()
         grad = grad + (2 * center_coef / r.shape[0]) * r
-    return loss, grad
+    return loss, grad, stats
 
 
 @_pm_loss_op.register_fake
 def _(rewards, pairs, prob, weight, margin, group, num_groups, center_coef, reduction, backend):
+    stats = prob.new_empty(len(STATS), num_groups)
     if reduction == "none":
-        return prob.new_empty(pairs.shape[0]), prob.new_empty(pairs.shape[0])
-    return prob.new_empty(()), prob.new_empty(rewards.shape[0])
+        return prob.new_empty(pairs.shape[0]), prob.new_empty(pairs.shape[0]), stats
+    return prob.new_empty(()), prob.new_empty(rewards.shape[0]), stats
 
 
 def _setup_context(ctx, inputs, output):
@@ -94,7 +100,7 @@ def _setup_context(ctx, inputs, output):
     ctx.reduction, ctx.n, ctx.dtype = reduction, rewards.shape[0], rewards.dtype
 
 
-def _backward(ctx, grad_loss, _):
+def _backward(ctx, grad_loss, _grad, _stats):
     pairs, saved = ctx.saved_tensors
     if ctx.reduction == "none":
         g = grad_loss.float() * saved
@@ -109,20 +115,26 @@ _pm_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.no_grad()
 def pm_metrics(rewards: Tensor, pairs: Tensor, prob: Tensor, group: Tensor, num_groups: int) -> dict[str, Tensor]:
-    """Pairwise accuracy against the labels (ties in the label are not scored) and label-oriented margins."""
+    """Metrics with plain torch ops (the torch backend's path; the kernels produce the same sums)."""
     d = (rewards[pairs[:, 0]] - rewards[pairs[:, 1]]).float()
     decisive = (prob != 0.5).float()
     agree = torch.where(d == 0, 0.5, ((d > 0) == (prob > 0.5)).float()) * decisive
-    margin = (2 * prob - 1) * d
-    zeros = lambda: d.new_zeros(num_groups)
-    g_decisive = zeros().index_add_(0, group, decisive)
-    g_pairs = zeros().index_add_(0, group, torch.ones_like(d))
+    columns = {"pairs": torch.ones_like(d), "agree": agree, "decisive": decisive, "margin": (2 * prob - 1) * d}
+    stats = d.new_zeros(len(STATS), num_groups)
+    for name, values in columns.items():
+        stats[STATS.index(name)].index_add_(0, group, values)
+    return metrics_from_stats(stats)
+
+
+def metrics_from_stats(stats: Tensor) -> dict[str, Tensor]:
+    """Pairwise accuracy against the labels (ties in the label are not scored) and label-oriented margins."""
+    s = dict(zip(STATS, stats))
     return {
-        "accuracy": agree.sum() / decisive.sum().clamp_min(1),
-        "margin": margin.mean() if margin.numel() else d.new_zeros(()),
-        "group_accuracy": zeros().index_add_(0, group, agree) / g_decisive,   # NaN where no decisive pair
-        "group_margin": zeros().index_add_(0, group, margin) / g_pairs,       # NaN where no pair
-        "group_pairs": g_pairs,
+        "accuracy": s["agree"].sum() / s["decisive"].sum().clamp_min(1),
+        "margin": s["margin"].sum() / s["pairs"].sum().clamp_min(1),
+        "group_accuracy": s["agree"] / s["decisive"],   # NaN where no decisive pair
+        "group_margin": s["margin"] / s["pairs"],       # NaN where no pair
+        "group_pairs": s["pairs"],
     }
 
 
@@ -171,10 +183,10 @@ def pairwise_pm_loss(rewards: Tensor, pairs: Tensor, *, prob: Optional[Tensor] =
             _check_ranges(rewards, pairs, prob, group, num_groups)
         loss = pairwise_pm_loss_reference(rewards.float() if rewards.dtype != torch.float64 else rewards, pairs,
                                           prob, weight, margin, group, num_groups, center_coef, reduction)
-    else:
-        loss = _pm_loss_op(rewards, pairs, prob, weight, margin, group, int(num_groups), float(center_coef),
-                           reduction, backend)[0]
-    return loss, pm_metrics(rewards.detach(), pairs, prob, group, num_groups)
+        return loss, pm_metrics(rewards.detach(), pairs, prob, group, num_groups)
+    loss, _, stats = _pm_loss_op(rewards, pairs, prob, weight, margin, group, int(num_groups), float(center_coef),
+                                 reduction, backend)
+    return loss, metrics_from_stats(stats.detach())
 
 
 def _check_ranges(rewards, pairs, prob, group, num_groups):
@@ -194,16 +206,23 @@ def pairs_from_ranking(ranks: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor, 
 
     Responses are laid out flat, prompt after prompt. Returns (pairs, prob, group).
     """
-    pairs, prob, group, offset = [], [], [], 0
-    for g, rank in enumerate(ranks):
-        k = len(rank)
-        for a in range(k):
-            for b in range(a + 1, k):
-                pairs.append((offset + a, offset + b))
-                prob.append(1.0 if rank[a] < rank[b] else 0.0 if rank[a] > rank[b] else 0.5)
-                group.append(g)
-        offset += k
-    return _as_tensors(pairs, prob, group)
+    sizes = torch.tensor([len(r) for r in ranks], dtype=torch.int64)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    flat = torch.tensor([x for r in ranks for x in r], dtype=torch.int64)
+    pairs, prob, group = [], [], []
+    for k in sizes.unique().tolist():  # every prompt with K responses shares one pair template
+        ids = (sizes == k).nonzero().squeeze(1)
+        a, b = torch.triu_indices(k, k, 1)
+        first, second = offsets[ids, None] + a, offsets[ids, None] + b
+        ra, rb = flat[first], flat[second]
+        pairs.append(torch.stack([first, second], -1).reshape(-1, 2))
+        prob.append(torch.where(ra < rb, 1.0, torch.where(ra > rb, 0.0, 0.5)).reshape(-1))
+        group.append(ids[:, None].expand_as(first).reshape(-1))
+    if not pairs:
+        return torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0), torch.zeros(0, dtype=torch.int64)
+    group = torch.cat(group)
+    order = torch.argsort(group, stable=True)
+    return torch.cat(pairs)[order], torch.cat(prob)[order].float(), group[order]
 
 
 def pairs_from_soft_matrix(matrices: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
