@@ -2,7 +2,8 @@
 
 1. PM training throughput (comparisons/s, forward+backward) on the embedded default with 256-token
    prompts and 64-token responses, K=2 and K=4: prefix-shared packing vs the same trainer encoding
-   every response with its own copy of the prompt.
+   every response with its own copy of the prompt ("separate"), and, for K > 2, vs a chosen/rejected
+   trainer that encodes both sides of every comparison ("per-comparison").
 2. The loss op alone: 65,536 groups of K=4 (all 6 pairs each), group_mean, forward+backward, against a
    straightforward torch implementation.
 """
@@ -31,18 +32,33 @@ def training_throughput(k: int, groups: int, prompt_len: int, resp_len: int, rep
     pairs, prob, group = pairs_from_ranking([list(range(k))] * groups)
     device = model.backbone.device
 
-    def step(pack):
+    def make_step(pack, step_pairs, step_prob, step_group):
         batch = pack(data, 0).to(device)
+        args = (step_pairs.to(device), step_prob.to(device), step_group.to(device))
 
         def fn():
             rewards = model(batch)
-            loss, _ = pairwise_pm_loss(rewards, pairs.to(device), prob=prob.to(device), group=group.to(device),
-                                       reduction="group_mean", num_groups=groups)
+            loss, _ = pairwise_pm_loss(rewards, args[0], prob=args[1], group=args[2], reduction="group_mean",
+                                       num_groups=groups)
             loss.backward()
             model.zero_grad(set_to_none=True)
         return fn
 
-    times = median_times({"prefix-shared": step(pack_shared), "separate": step(pack_separate)}, repeats, str(device))
+    step = lambda pack: make_step(pack, pairs, prob, group)
+    n_pairs = k * (k - 1) // 2
+    expanded = torch.arange(groups * n_pairs)
+    step_pairs = lambda pack: make_step(pack, torch.stack([2 * expanded, 2 * expanded + 1], 1), prob,
+                                        expanded // n_pairs)
+
+    def per_comparison(groups_, pad_id):
+        """A chosen/rejected trainer: every comparison is its own pair of (prompt + response) rows."""
+        a, b = torch.triu_indices(k, k, 1).tolist()
+        return pack_separate([(p_, [rs[i], rs[j]]) for p_, rs in groups_ for i, j in zip(a, b)], pad_id)
+
+    fns = {"prefix-shared": step(pack_shared), "separate": step(pack_separate)}
+    if k > 2:  # with K=2 the per-comparison layout is the separate one
+        fns["per-comparison"] = step_pairs(per_comparison)
+    times = median_times(fns, repeats, str(device))
     comparisons = len(pairs)
     return {name: {"time": t, "mem": None, "comparisons_per_s": comparisons / t} for name, t in times.items()}
 
@@ -80,10 +96,15 @@ def main() -> None:
         for k in (2, 4):
             rows = training_throughput(k, args.groups, 256, 64, args.repeats, model)
             print(table(f"PM fwd+bwd, {DEFAULT_MODEL}, {args.groups} prompt(s) x K={k}, 256-token prompts, "
-                        f"64-token responses (median of {args.repeats})", rows, ["separate"]))
+                        f"64-token responses (median of {args.repeats})", rows,
+                        ["separate"] + (["per-comparison"] if k > 2 else [])))
             for name, r in rows.items():
                 print(f"- {name}: {r['comparisons_per_s']:.3f} comparisons/s")
-            print(f"- speed-up of prefix sharing: {rows['separate']['time'] / rows['prefix-shared']['time']:.2f}x\n")
+            for base in ("separate", "per-comparison"):
+                if base in rows:
+                    print(f"- speed-up of prefix sharing over {base}: "
+                          f"{rows[base]['time'] / rows['prefix-shared']['time']:.2f}x")
+            print()
     rows = loss_kernel(65536, 4, max(5, args.repeats), device)
     print(table("pairwise_pm_loss fwd+bwd, 65,536 groups x K=4 (393,216 pairs), group_mean", rows, ["torch"]))
 

@@ -142,10 +142,10 @@ void logprob_forward(f32_array logits, i64_array labels, float inv_temp, int64_t
   }
 }
 
-void logprob_backward(f32_out logits, i64_array labels, float inv_temp, int64_t ignore_index,
-                      f32_array lse, f32_array entropy, f32_array grad_logp, f32_array grad_entropy) {
+void logprob_backward(f32_out logits, i64_array labels, float inv_temp, f32_array lse, f32_array entropy,
+                      f32_array grad_logp, f32_array grad_entropy) {
   check_ndim(logits, 2, "logits");
-  const int64_t rows = logits.shape(0), vocab = logits.shape(1);
+  const int64_t rows = logits.shape(0), cols = logits.shape(1);
   float* z = out_ptr(logits, rows, "logits");
   for (auto* a : {&lse, &entropy, &grad_logp, &grad_entropy}) check_rows(*a, rows, "row statistics");
   check_rows(labels, rows, "labels");
@@ -154,13 +154,9 @@ void logprob_backward(f32_out logits, i64_array labels, float inv_temp, int64_t 
   py::gil_scoped_release nogil;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < rows; ++i) {
-    float* zi = z + i * vocab;
-    if (y[i] == ignore_index) {
-      std::fill(zi, zi + vocab, 0.f);
-      continue;
-    }
-    logprob_grad_row(zi, vocab, inv_temp, ls[i], ls[i] - ent[i], glp[i], gent[i]);
-    zi[y[i]] += glp[i] * inv_temp;
+    float* zi = z + i * cols;
+    logprob_grad_row(zi, cols, inv_temp, ls[i], ls[i] - ent[i], glp[i], gent[i]);
+    if (y[i] >= 0 && y[i] < cols) zi[y[i]] += glp[i] * inv_temp;
   }
 }
 

@@ -11,8 +11,9 @@ PYBIND11_MODULE(_native, m) {
         py::arg("ignore_index"), py::arg("logp"), py::arg("lse"), py::arg("entropy") = py::none(),
         "Row statistics of softmax(logits * inv_temp): writes log p(label), log-sum-exp and (optionally) entropy.");
   m.def("logprob_backward", &logprob_backward, py::arg("logits"), py::arg("labels"), py::arg("inv_temp"),
-        py::arg("ignore_index"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"),
-        "Overwrites raw logits in place with d(loss)/d(logits) given the upstream per-row gradients.");
+        py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"),
+        "Overwrites a [rows, cols] block of raw logits in place with d(loss)/d(logits); labels are relative to the "
+        "block's first column (outside [0, cols) adds nothing); ignored rows come with zero upstream gradients.");
   m.def("kl_forward", &kl_forward, py::arg("logits"), py::arg("ref_logits"), py::arg("inv_temp"), py::arg("kl"),
         py::arg("lse"), py::arg("mean_diff"), "Per-row KL(softmax(logits) || softmax(ref_logits)) at a temperature.");
   m.def("kl_backward", &kl_backward, py::arg("logits"), py::arg("ref_logits"), py::arg("inv_temp"), py::arg("lse"),

@@ -66,14 +66,14 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, logp_ptr, lse_ptr, ent_
 
 @triton.jit
 def _logprob_dz_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, N, V, D,
-                       stride_h, stride_w, stride_dz, inv_temp, ignore_index, HAS_BIAS: tl.constexpr,
+                       stride_h, stride_w, stride_dz, inv_temp, HAS_BIAS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask, col_mask = rows < N, cols < V
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_w, inv_temp,
                      HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, PRECISION, UPCAST)
-    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)  # relative to this block of columns
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     mean_z = lse - tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
     g_lp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
@@ -81,8 +81,7 @@ def _logprob_dz_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, glp_pt
     p = tl.exp(z - lse[:, None])
     centered = tl.where(col_mask[None, :], z - mean_z[:, None], 0.0)
     dz = -p * (g_lp[:, None] + g_ent[:, None] * centered)
-    dz = tl.where(cols[None, :] == labels[:, None], dz + g_lp[:, None], dz)
-    dz = tl.where((labels == ignore_index)[:, None], 0.0, dz) * inv_temp
+    dz = tl.where(cols[None, :] == labels[:, None], dz + g_lp[:, None], dz) * inv_temp
     tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
 
@@ -167,13 +166,14 @@ def logprob_forward(h, w, b, labels, inv_temp: float, ignore_index: int, with_en
     return logp, ent, lse
 
 
-def logprob_dz(h, w, b, labels, lse, ent, g_lp, g_ent, inv_temp: float, ignore_index: int, out: torch.Tensor):
+def logprob_dz(h, w, b, labels, lse, ent, g_lp, g_ent, inv_temp: float, out: torch.Tensor):
+    """d(loss)/d(logits) for rows h against the vocabulary block w (labels relative to that block)."""
     N, D = h.shape
     V = w.shape[0]
     cfg = _config(h)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
     _logprob_dz_kernel[grid](h, w, _dummy(h, b), labels, lse, ent, g_lp, g_ent, out, N, V, D, h.stride(0),
-                             w.stride(0), out.stride(0), inv_temp, ignore_index, HAS_BIAS=b is not None, **cfg)
+                             w.stride(0), out.stride(0), inv_temp, HAS_BIAS=b is not None, **cfg)
     return out
 
 

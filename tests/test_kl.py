@@ -41,6 +41,7 @@ def test_full_kl_equals_dense(backend, temperature):
 
 def test_full_kl_large_logits_and_chunks(backend, monkeypatch):
     monkeypatch.setattr(logprob_mod, "CHUNK_ELEMENTS", 130 * 5)
+    monkeypatch.setattr(logprob_mod, "MIN_BLOCK_COLS", 48)
     check(*make(23, 130, 16, 16, scale=40.0, device=device_for(backend), seed=2), atol=2e-3, rtol=1e-4,
           gatol=2e-3, grtol=1e-3)
 
@@ -99,3 +100,19 @@ def test_k3_is_an_unbiased_estimate_of_full_kl():
     est = kl_penalty(p.log()[samples], q.log()[samples], "k3").mean()
     exact = (p * (p.log() - q.log())).sum()
     assert abs(est - exact) < 0.02 * exact + 1e-3
+
+
+def test_full_kl_compiles_without_graph_breaks(monkeypatch):
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
+    h, w, rh, rw, _ = make(10, 40, 8, 6)
+
+    def fn(h, w):
+        return full_kl(h, w, rh, rw, temperature=1.3).mean() + kl_penalty(h.sum(-1), rh.sum(-1), "k3").mean()
+
+    torch._dynamo.reset()
+    loss = torch.compile(fn, backend="aot_eager", fullgraph=True)(h, w)
+    loss.backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    fn(h2, w2).backward()
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)

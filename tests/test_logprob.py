@@ -23,6 +23,7 @@ def check(h, w, b, y, *, temperature=1.0, entropy=True, atol=2e-4, rtol=2e-5, ga
           monkeypatch=None):
     if chunk is not None:
         monkeypatch.setattr(logprob_mod, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(logprob_mod, "MIN_BLOCK_COLS", 32)  # several row chunks and vocabulary blocks
     g = torch.Generator().manual_seed(1)
     a = torch.randn(y.shape, generator=g).to(h.device)
     c = torch.randn(y.shape, generator=g).to(h.device)

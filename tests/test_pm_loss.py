@@ -120,3 +120,23 @@ def test_bad_inputs(backend):
             pairwise_pm_loss(r, torch.tensor([[0, 4]]))
         with pytest.raises(ValueError, match="probability"):
             pairwise_pm_loss(r, torch.tensor([[0, 1]]), prob=torch.tensor([1.5]))
+
+
+def test_compiles_without_graph_breaks(monkeypatch):
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
+    rewards, pairs, prob, group = k_wise_batch([3, 4])
+    r = rewards.clone().requires_grad_()
+
+    def fn(r):
+        loss, metrics = pairwise_pm_loss(r, pairs, prob=prob, group=group, reduction="group_mean", num_groups=2)
+        return loss, metrics["accuracy"]
+
+    torch._dynamo.reset()
+    loss, acc = torch.compile(fn, backend="aot_eager", fullgraph=True)(r)
+    loss.backward()
+    r2 = rewards.clone().requires_grad_()
+    ref, ref_acc = fn(r2)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(r.grad, r2.grad)
+    torch.testing.assert_close(acc, ref_acc)

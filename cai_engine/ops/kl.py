@@ -91,20 +91,24 @@ def _full_kl_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     inv_temp, g = 1.0 / temperature, grad.float().contiguous()
     if backend == "native":
         from .. import _native
-        rbuf = torch.empty(min(chunk_rows(w.shape[0]), h.shape[0]), w.shape[0])
+        ref_buf = torch.empty(0)
 
-        def dz_chunk(i, j, buf):
-            z = _native_logits(h[i:j], w, b, buf)
-            r = _native_logits(rh[i:j], rw, rb, rbuf[: j - i])
-            _native.kl_backward(as_numpy(z), as_numpy(r), inv_temp, as_numpy(lse[i:j]), as_numpy(mean_diff[i:j]),
-                                as_numpy(g[i:j]))
+        def dz_block(r, c, buf):
+            nonlocal ref_buf
+            if ref_buf.numel() < buf.numel():
+                ref_buf = torch.empty(buf.numel())
+            z = _native_logits(h[r], w[c], _cols(b, c), buf)
+            ref = _native_logits(rh[r], rw[c], _cols(rb, c), ref_buf[: buf.numel()].view(buf.shape))
+            _native.kl_backward(as_numpy(z), as_numpy(ref), inv_temp, as_numpy(lse[r]), as_numpy(mean_diff[r]),
+                                as_numpy(g[r]))
             return z
     else:
         from ..kernels import logprob as tk
 
-        def dz_chunk(i, j, buf):
-            return tk.kl_dz(h[i:j], w, b, rh[i:j], rw, rb, lse[i:j], mean_diff[i:j], g[i:j], inv_temp, buf)
-    dh, dw, db = chunked_backward(h, w, b, tuple(needs), dz_chunk)
+        def dz_block(r, c, buf):
+            return tk.kl_dz(h[r], w[c], _cols(b, c), rh[r], rw[c], _cols(rb, c), lse[r], mean_diff[r], g[r],
+                            inv_temp, buf)
+    dh, dw, db = chunked_backward(h, w, b, tuple(needs), dz_block)
     return dh.to(hidden.dtype), dw.to(weight.dtype), db.to(weight.dtype if bias is None else bias.dtype)
 
 
@@ -135,6 +139,10 @@ def _backward_fn(ctx, grad_kl, _g_lse, _g_md):
 
 
 _full_kl_op.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+def _cols(bias: Optional[Tensor], c: slice) -> Optional[Tensor]:
+    return None if bias is None else bias[c]
 
 
 def full_kl(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, *, temperature: float = 1.0,

@@ -15,6 +15,7 @@ from torch import Tensor
 from .backend import as_numpy, check_finite_temperature, choose_backend
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB of fp32
+MIN_BLOCK_COLS = 4096     # backward vocabulary blocks stay wide enough for efficient GEMMs
 
 
 def chunk_rows(vocab: int) -> int:
@@ -65,50 +66,62 @@ def _forward_native(h, w, b, labels, inv_temp, ignore_index, with_entropy):
 
 
 def chunked_backward(h: Tensor, w: Tensor, b: Optional[Tensor], needs: tuple[bool, bool, bool],
-                     dz_chunk: Callable[[int, int, Tensor], Tensor]):
-    """dh, dW, db from d(loss)/d(logits) produced one chunk at a time by `dz_chunk(i, j, buffer)`."""
+                     dz_block: Callable[[slice, slice, Tensor], Tensor]):
+    """dh, dW, db from d(loss)/d(logits), produced one [rows, cols] block at a time by `dz_block`.
+
+    Blocks span all rows when they fit, so each dW block is written once and only the small dh
+    accumulates (per-row chunks would re-read and re-write the whole [V, d] dW for every chunk).
+    """
     N, V = h.shape[0], w.shape[0]
     need_h, need_w, need_b = needs
     acc = torch.float32
-    dh = torch.empty_like(h) if need_h else h.new_empty(0)
+    dh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else h.new_empty(0)
     dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else w.new_empty(0)
     db = torch.zeros(V, dtype=acc, device=w.device) if need_b else w.new_empty(0)
-    if not any(needs):
+    if not any(needs) or N == 0:
         return dh, dw, db
-    rows = chunk_rows(V)
-    buf = torch.empty(min(rows, N), V, dtype=h.dtype, device=h.device)
+    cols = min(V, max(MIN_BLOCK_COLS, CHUNK_ELEMENTS // N))
+    rows = max(1, min(N, CHUNK_ELEMENTS // cols))
+    buf = torch.empty(rows * cols, dtype=h.dtype, device=h.device)
     for i in range(0, N, rows):
-        j = min(i + rows, N)
-        dz = dz_chunk(i, j, buf[: j - i])
-        if need_h:
-            torch.mm(dz, w, out=dh[i:j])
-        if need_w:
-            if dz.dtype == acc:
-                dw.addmm_(dz.T, h[i:j])
-            else:  # half-precision GEMM, fp32 accumulation across chunks
-                dw += torch.mm(dz.T, h[i:j])
-        if need_b:
-            db += dz.sum(0, dtype=acc)
+        r = slice(i, min(i + rows, N))
+        for c0 in range(0, V, cols):
+            c = slice(c0, min(c0 + cols, V))
+            dz = dz_block(r, c, buf[: (r.stop - r.start) * (c.stop - c0)].view(r.stop - r.start, c.stop - c0))
+            if need_h:
+                _accumulate(dh[r], dz, w[c])
+            if need_w:
+                _accumulate(dw[c], dz.T, h[r])
+            if need_b:
+                db[c] += dz.sum(0, dtype=acc)
     return dh, dw, db
 
 
+def _accumulate(out: Tensor, a: Tensor, b: Tensor) -> None:
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:  # half-precision GEMM, fp32 accumulation across blocks
+        out += torch.mm(a, b)
+
+
 def _backward(h, w, b, labels, lse, ent, g_lp, g_ent, inv_temp, ignore_index, needs, backend):
+    valid = labels != ignore_index
+    g_lp, g_ent = g_lp * valid, g_ent * valid  # ignored tokens get no gradient
     if backend == "native":
         from .. import _native
 
-        def dz_chunk(i, j, buf):
-            z = _native_logits(h[i:j], w, b, buf)
-            _native.logprob_backward(as_numpy(z), as_numpy(labels[i:j]), inv_temp, ignore_index,
-                                     as_numpy(lse[i:j]), as_numpy(ent[i:j]), as_numpy(g_lp[i:j]),
-                                     as_numpy(g_ent[i:j]))
+        def dz_block(r, c, buf):
+            z = _native_logits(h[r], w[c], None if b is None else b[c], buf)
+            _native.logprob_backward(as_numpy(z), as_numpy(labels[r] - c.start), inv_temp, as_numpy(lse[r]),
+                                     as_numpy(ent[r]), as_numpy(g_lp[r]), as_numpy(g_ent[r]))
             return z
     else:
         from ..kernels import logprob as tk
 
-        def dz_chunk(i, j, buf):
-            return tk.logprob_dz(h[i:j], w, b, labels[i:j], lse[i:j], ent[i:j], g_lp[i:j], g_ent[i:j], inv_temp,
-                                 ignore_index, buf)
-    return chunked_backward(h, w, b, needs, dz_chunk)
+        def dz_block(r, c, buf):
+            return tk.logprob_dz(h[r], w[c], None if b is None else b[c], labels[r] - c.start, lse[r], ent[r],
+                                 g_lp[r], g_ent[r], inv_temp, buf)
+    return chunked_backward(h, w, b, needs, dz_block)
 
 
 def prepare(h: Tensor, w: Tensor, b: Optional[Tensor], backend: str):
