@@ -1,3 +1,6 @@
+#include <pybind11/stl.h>
+
+#include "block_manager.h"
 #include "common.h"
 #include "logprob.h"
 #include "pm_loss.h"
@@ -22,4 +25,32 @@ PYBIND11_MODULE(_native, m) {
         py::arg("margin"), py::arg("group"), py::arg("pair_loss"), py::arg("pair_grad"), py::arg("resp_grad"),
         py::arg("group_stats"), py::arg("resp_group"),
         "Soft-label pairwise PM loss over all pairs: per-pair loss and d/d(gap), per-response and per-group sums.");
+
+  py::class_<BlockManager>(m, "BlockManager",
+                           "Paged KV-cache blocks: free list, reference counts, block tables, copy-on-write forks and "
+                           "prefix caching (chained block hashes, verified on a hit, LRU eviction).")
+      .def(py::init<int32_t, int32_t, bool>(), py::arg("num_blocks"), py::arg("block_size"),
+           py::arg("prefix_caching") = true)
+      .def("can_allocate", &BlockManager::can_allocate, py::arg("tokens"))
+      .def("allocate", &BlockManager::allocate, py::arg("seq"), py::arg("tokens"),
+           "Blocks for a new sequence; returns the number of leading tokens whose KV is already cached.")
+      .def("can_append", &BlockManager::can_append, py::arg("seq"))
+      .def("append", &BlockManager::append, py::arg("seq"), py::arg("token"),
+           "Room for one more token at the end of the sequence; returns its slot (block * block_size + offset).")
+      .def("fork", &BlockManager::fork, py::arg("parent"), py::arg("child"),
+           "Child shares the parent's full blocks and gets a copy of its partial last block; returns the copies.")
+      .def("free", &BlockManager::free, py::arg("seq"))
+      .def("reset_prefix_cache", &BlockManager::reset_prefix_cache,
+           "Forget every cached prefix (after a weight update the cached KV is stale).")
+      .def("block_table", &BlockManager::block_table, py::arg("seq"))
+      .def("num_tokens", &BlockManager::num_tokens, py::arg("seq"))
+      .def("slot", &BlockManager::slot, py::arg("seq"), py::arg("position"))
+      .def("has", &BlockManager::has, py::arg("seq"))
+      .def("ref_count", &BlockManager::ref_count, py::arg("block"))
+      .def_property_readonly("num_blocks", &BlockManager::num_blocks)
+      .def_property_readonly("block_size", &BlockManager::block_size)
+      .def_property_readonly("num_free", &BlockManager::num_free)
+      .def_property_readonly("num_cached_free", &BlockManager::num_cached_free)
+      .def_property_readonly("hit_tokens", &BlockManager::hit_tokens)
+      .def_property_readonly("queried_tokens", &BlockManager::queried_tokens);
 }
