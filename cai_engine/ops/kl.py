@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from .backend import as_numpy, check_finite_temperature, choose_backend
-from .logprob import _native_logits, chunk_rows, chunked_backward, prepare
+from .logprob import (_native_logits, chunk_rows, chunked_backward, head_grads_cast, head_grads_fake,
+                      head_grads_needed, head_grads_result, prepare)
 
 KL_KINDS = ("k1", "abs", "k2", "k3")
 MAX_LOG_RATIO = 20.0
@@ -108,15 +109,12 @@ def _full_kl_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         def dz_block(r, c, buf):
             return tk.kl_dz(h[r], w[c], _cols(b, c), rh[r], rw[c], _cols(rb, c), lse[r], mean_diff[r], g[r],
                             inv_temp, buf)
-    dh, dw, db = chunked_backward(h, w, b, tuple(needs), dz_block)
-    return dh.to(hidden.dtype), dw.to(weight.dtype), db.to(weight.dtype if bias is None else bias.dtype)
+    return head_grads_cast(chunked_backward(h, w, b, tuple(needs), dz_block), hidden, weight, bias)
 
 
 @_full_kl_backward_op.register_fake
 def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, mean_diff, grad, temperature, needs, backend):
-    shapes = (hidden.shape, weight.shape, (weight.shape[0],))
-    like = (hidden, weight, weight if bias is None else bias)
-    return tuple(t.new_empty(s if n else (0,)) for t, s, n in zip(like, shapes, needs))
+    return head_grads_fake(hidden, weight, bias, needs)
 
 
 def _setup_context(ctx, inputs, output):
@@ -129,13 +127,10 @@ def _setup_context(ctx, inputs, output):
 def _backward_fn(ctx, grad_kl, _g_lse, _g_md):
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, mean_diff = ctx.saved_tensors
     temperature, backend = ctx.args
-    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
-    if bias is None:
-        needs[2] = False
-    dh, dw, db = _full_kl_backward_op(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, mean_diff,
-                                      grad_kl, temperature, needs, backend)
-    return (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
-            None, None, None, None, None)
+    needs = head_grads_needed(ctx, bias)
+    grads = _full_kl_backward_op(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, mean_diff, grad_kl,
+                                 temperature, needs, backend)
+    return head_grads_result(grads, needs, 5)
 
 
 _full_kl_op.register_autograd(_backward_fn, setup_context=_setup_context)

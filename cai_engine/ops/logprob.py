@@ -132,6 +132,28 @@ def prepare(h: Tensor, w: Tensor, b: Optional[Tensor], backend: str):
 
 
 # ---------------------------------------------------------------- custom ops + autograd
+# Both LM-head ops (this one and full_kl) return gradients for (hidden, weight, bias) the same way.
+
+def head_grads_needed(ctx, bias) -> list[bool]:
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    needs[2] = needs[2] and bias is not None
+    return needs
+
+
+def head_grads_cast(grads, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    dh, dw, db = grads
+    return dh.to(hidden.dtype), dw.to(weight.dtype), db.to(weight.dtype if bias is None else bias.dtype)
+
+
+def head_grads_fake(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], needs: list[bool]):
+    shapes = (hidden.shape, weight.shape, (weight.shape[0],))
+    like = (hidden, weight, weight if bias is None else bias)
+    return tuple(t.new_empty(s if n else (0,)) for t, s, n in zip(like, shapes, needs))
+
+
+def head_grads_result(grads, needs: list[bool], n_other_inputs: int) -> tuple:
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * n_other_inputs
+
 
 @torch.library.custom_op("cai_engine::token_logprobs", mutates_args=())
 def _token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature: float,
@@ -156,16 +178,14 @@ def _token_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[T
                                 entropy: Tensor, grad_logp: Tensor, grad_entropy: Tensor, temperature: float,
                                 ignore_index: int, needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor]:
     h, w, b = prepare(hidden, weight, bias, backend)
-    dh, dw, db = _backward(h, w, b, labels.contiguous(), lse, entropy, grad_logp.float().contiguous(),
-                           grad_entropy.float().contiguous(), 1.0 / temperature, ignore_index, tuple(needs), backend)
-    return dh.to(hidden.dtype), dw.to(weight.dtype), db.to(weight.dtype if bias is None else bias.dtype)
+    grads = _backward(h, w, b, labels.contiguous(), lse, entropy, grad_logp.float().contiguous(),
+                      grad_entropy.float().contiguous(), 1.0 / temperature, ignore_index, tuple(needs), backend)
+    return head_grads_cast(grads, hidden, weight, bias)
 
 
 @_token_logprobs_backward_op.register_fake
 def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, needs, backend):
-    shapes = (hidden.shape, weight.shape, (weight.shape[0],))
-    like = (hidden, weight, weight if bias is None else bias)
-    return tuple(t.new_empty(s if n else (0,)) for t, s, n in zip(like, shapes, needs))
+    return head_grads_fake(hidden, weight, bias, needs)
 
 
 def _setup_context(ctx, inputs, output):
@@ -178,15 +198,12 @@ def _setup_context(ctx, inputs, output):
 def _backward_fn(ctx, grad_logp, grad_entropy, _grad_lse):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
     temperature, ignore_index, backend = ctx.args
-    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
-    if bias is None:
-        needs[2] = False
+    needs = head_grads_needed(ctx, bias)
     grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp
     grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy
-    dh, dw, db = _token_logprobs_backward_op(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy,
-                                             temperature, ignore_index, needs, backend)
-    return (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
-            None, None, None, None, None)
+    grads = _token_logprobs_backward_op(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy,
+                                        temperature, ignore_index, needs, backend)
+    return head_grads_result(grads, needs, 5)
 
 
 _token_logprobs_op.register_autograd(_backward_fn, setup_context=_setup_context)
