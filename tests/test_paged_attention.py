@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from cai_engine._native import BlockManager
+from cai_engine.kv_cache import PagedKVCache, paged_attention
+from cai_engine.config import ModelConfig
+
+
+def dense_attention(q, k, v, scale, causal_offset=None):
+    """float64 reference: q [n_q, H, D], k/v [ctx, n_kv, D]; the new tokens are the last n_q."""
+    H, n_kv = q.shape[1], k.shape[1]
+    k = k.double().repeat_interleave(H // n_kv, 1)
+    v = v.double().repeat_interleave(H // n_kv, 1)
+    s = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    n_q, ctx = q.shape[0], k.shape[0]
+    mask = torch.ones(n_q, ctx, dtype=torch.bool).tril(ctx - n_q)
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+
+
+def fill_cache(lengths, block_size, n_kv=2, head_dim=16, num_blocks=64, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    cfg = ModelConfig(num_hidden_layers=1, num_attention_heads=n_kv * 3, num_key_value_heads=n_kv,
+                      hidden_size=n_kv * 3 * head_dim)
+    cache = PagedKVCache(cfg, num_blocks, block_size, dtype, "cpu")
+    bm = BlockManager(num_blocks, block_size, prefix_caching=False)
+    keys, values = [], []
+    for s, n in enumerate(lengths):
+        bm.allocate(s, list(range(n)))
+        k = torch.randn(n, n_kv, head_dim, generator=g)
+        v = torch.randn(n, n_kv, head_dim, generator=g)
+        slots = torch.tensor([bm.slot(s, p) for p in range(n)])
+        cache.store(0, slots, k, v)
+        keys.append(k)
+        values.append(v)
+    width = max(len(bm.block_table(s)) for s in range(len(lengths)))
+    tables = torch.full((len(lengths), width), 0, dtype=torch.int32)
+    for s in range(len(lengths)):
+        t = bm.block_table(s)
+        tables[s, : len(t)] = torch.tensor(t)
+    return cache, tables, keys, values
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_matches_dense(backend, block_size, monkeypatch):
+    if backend == "triton":
+        monkeypatch.setenv("CAI_ENGINE_BACKEND", "triton")
+    lengths = [1, 7, 16, 33]
+    cache, tables, keys, values = fill_cache(lengths, block_size)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(len(lengths), 6, 16, generator=g)
+    got = paged_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(lengths), [1] * len(lengths))
+    for b in range(len(lengths)):
+        ref = dense_attention(q[b:b + 1], keys[b], values[b], 16 ** -0.5)
+        torch.testing.assert_close(got[b:b + 1].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_split_k_matches_one_split():
+    from cai_engine.kernels.paged_attention import paged_decode
+    lengths = [45, 9]
+    cache, tables, keys, values = fill_cache(lengths, 4)
+    q = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(2))
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    one = paged_decode(q, cache.k[0], cache.v[0], tables, lens, 0.25, blocks_per_split=64)
+    many = paged_decode(q, cache.k[0], cache.v[0], tables, lens, 0.25, blocks_per_split=3)
+    torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
+    for b in range(2):
+        torch.testing.assert_close(many[b:b + 1].double(), dense_attention(q[b:b + 1], keys[b], values[b], 0.25),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_chunk_over_cached_prefix_matches_dense():
+    lengths = [13, 6]
+    query_lens = [5, 6]           # the newest tokens of each sequence, causal among themselves
+    cache, tables, keys, values = fill_cache(lengths, 4)
+    q = torch.randn(sum(query_lens), 6, 16, generator=torch.Generator().manual_seed(3))
+    got = paged_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(lengths), query_lens)
+    torch.testing.assert_close(got[:5].double(), dense_attention(q[:5], keys[0], values[0], 0.25), atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(got[5:].double(), dense_attention(q[5:], keys[1], values[1], 0.25), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_bf16_cache_decode(monkeypatch):
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", "triton")
+    lengths = [10, 3]
+    cache, tables, keys, values = fill_cache(lengths, 4, dtype=torch.bfloat16)
+    q = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(4)).bfloat16()
+    got = paged_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(lengths), [1, 1])
+    for b in range(2):
+        ref = dense_attention(q[b:b + 1].float(), keys[b].bfloat16().float(), values[b].bfloat16().float(), 0.25)
+        torch.testing.assert_close(got[b:b + 1].double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_copy_blocks():
+    cache, tables, keys, _ = fill_cache([8], 4)
+    src = int(tables[0, 1])
+    cache.copy_blocks([(src, 30)])
+    assert torch.equal(cache.k[0][30], cache.k[0][src]) and torch.equal(cache.v[0][30], cache.v[0][src])
