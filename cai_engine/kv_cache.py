@@ -6,8 +6,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dataclasses import dataclass
+
 from .config import ModelConfig
 from .ops.backend import choose_backend
+
+
+@dataclass(slots=True)
+class PagedBatch:
+    """One engine step: the new tokens of several sequences, flattened, and where their KV lives."""
+    cache: "PagedKVCache"
+    slots: torch.Tensor          # [T] slot of every new token
+    block_tables: torch.Tensor   # [B, max_blocks] int32
+    context_lens: torch.Tensor   # [B] tokens with KV after this step (cached + new)
+    query_lens: list[int]        # new tokens per sequence, in order
 
 
 def blocks_for_budget(config: ModelConfig, budget_bytes: int, block_size: int, dtype: torch.dtype) -> int:

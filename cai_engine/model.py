@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .kv_cache import PagedBatch, paged_attention
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_varlen_func
@@ -64,6 +65,7 @@ class AttentionInputs:
     mask: torch.Tensor | None = None      # bool [B, 1, T, S], True = attend; None = plain causal
     varlen: tuple | None = None           # (token index, cu_seqlens, max_len) for flash-attn
     cache: "KVCache | None" = None
+    paged: "PagedBatch | None" = None     # the sampling engine's paged KV cache
 
 
 class KVCache:
@@ -104,6 +106,8 @@ class Attention(nn.Module):
         cos, sin = ctx.cos.unsqueeze(1), ctx.sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if ctx.paged is not None:
+            return self.o_proj(self._paged(q, k, v, ctx.paged).reshape(B, T, -1))
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
         if ctx.varlen is not None:
@@ -112,6 +116,12 @@ class Attention(nn.Module):
             causal = ctx.mask is None and T > 1
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _paged(self, q, k, v, paged) -> torch.Tensor:
+        q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [T, heads, D]: sequences are flattened
+        paged.cache.store(self.layer, paged.slots, k, v)
+        return paged_attention(q, paged.cache.k[self.layer], paged.cache.v[self.layer], paged.block_tables,
+                               paged.context_lens, paged.query_lens)
 
     @staticmethod
     def _flash_varlen(q, k, v, varlen) -> torch.Tensor:
@@ -181,6 +191,7 @@ class Transformer(nn.Module):
         segment_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        paged: PagedBatch | None = None,
     ) -> torch.Tensor:
         """Final hidden states [B, T, d].
 
@@ -188,6 +199,7 @@ class Transformer(nn.Module):
         segment_ids: [B, T], packed sequences; tokens attend only within their segment.
         attn_mask: [B, T, T] bool, an extra restriction (True = may attend), e.g. prefix sharing.
         cache: dense KV cache; new tokens are appended after `cache.length`.
+        paged: the engine's step (input_ids [1, T] holds several sequences' new tokens, position_ids given).
         """
         squeeze = input_ids.dim() == 1
         if squeeze:
@@ -200,6 +212,7 @@ class Transformer(nn.Module):
             position_ids = position_ids.unsqueeze(0).expand(B, T)
         x = self.embed_tokens(input_ids)
         ctx = self._attention_inputs(x, position_ids, attention_mask, segment_ids, attn_mask, cache)
+        ctx.paged = paged
         for layer in self.layers:
             x = layer(x, ctx)
         if cache is not None:
@@ -221,6 +234,8 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         ctx = AttentionInputs(cos=emb.cos().to(x.dtype), sin=emb.sin().to(x.dtype), cache=cache)
         B, T = position_ids.shape
+        if cache is None and attention_mask is None and segment_ids is None and attn_mask is None and T == 1:
+            return ctx
         window = self.config.sliding_window
         needs_window = window is not None and T + (cache.length if cache else 0) > window
         if attention_mask is None and segment_ids is None and attn_mask is None and not needs_window:
