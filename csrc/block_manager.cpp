@@ -98,7 +98,7 @@ int64_t BlockManager::allocate(int64_t id, const std::vector<int32_t>& tokens) {
   if (!can_allocate(tokens)) throw std::runtime_error("out of KV blocks");
   Seq s;
   s.tokens = tokens;
-  const size_t n = tokens.size(), full = n / block_size_;
+  const size_t n = tokens.size();  // blocks are sealed into the cache by mark_computed, once their KV exists
   // The last prompt token is always recomputed (its logits start the generation), so at most
   // (n - 1) / block_size blocks can come from the cache.
   const size_t reusable = prefix_caching_ ? (n - 1) / block_size_ : 0;
@@ -120,8 +120,7 @@ int64_t BlockManager::allocate(int64_t id, const std::vector<int32_t>& tokens) {
   hit_tokens_ += static_cast<int64_t>(hits * block_size_);
   const size_t needed = (n + block_size_ - 1) / block_size_;
   while (s.table.size() < needed) s.table.push_back(take_block());
-  auto& stored = seqs_[id] = std::move(s);
-  for (size_t i = hits; i < full; ++i) seal(stored, i);
+  seqs_[id] = std::move(s);
   return static_cast<int64_t>(hits * block_size_);
 }
 
@@ -136,7 +135,6 @@ int64_t BlockManager::append(int64_t id, int32_t token) {
   // fork() copies a partial last block, so a block being written into is never shared
   if (pos % block_size_ == 0) s.table.push_back(take_block());
   s.tokens.push_back(token);
-  if (s.tokens.size() % block_size_ == 0) seal(s, s.table.size() - 1);
   return slot(id, static_cast<int64_t>(pos));
 }
 
@@ -156,6 +154,12 @@ std::vector<BlockManager::Copy> BlockManager::fork(int64_t parent, int64_t child
   }
   seqs_[child] = std::move(c);
   return copies;
+}
+
+void BlockManager::mark_computed(int64_t id, int64_t n) {
+  Seq& s = seq(id);
+  const int64_t full = std::min<int64_t>(n, static_cast<int64_t>(s.tokens.size())) / block_size_;
+  for (int64_t i = 0; i < full; ++i) seal(s, static_cast<size_t>(i));
 }
 
 void BlockManager::free(int64_t id) {

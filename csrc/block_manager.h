@@ -22,6 +22,8 @@ class BlockManager {
   // Room for one more token at the end of `seq`; returns its slot.
   int64_t append(int64_t seq, int32_t token);
   std::vector<Copy> fork(int64_t parent, int64_t child);
+  // The first n tokens of `seq` now have KV in the cache: its full blocks among them may be shared.
+  void mark_computed(int64_t seq, int64_t n);
   void free(int64_t seq);
   void reset_prefix_cache();
 

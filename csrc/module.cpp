@@ -39,6 +39,8 @@ PYBIND11_MODULE(_native, m) {
            "Room for one more token at the end of the sequence; returns its slot (block * block_size + offset).")
       .def("fork", &BlockManager::fork, py::arg("parent"), py::arg("child"),
            "Child shares the parent's full blocks and gets a copy of its partial last block; returns the copies.")
+      .def("mark_computed", &BlockManager::mark_computed, py::arg("seq"), py::arg("num_tokens"),
+           "The first num_tokens tokens now have KV: their full blocks enter the prefix cache.")
       .def("free", &BlockManager::free, py::arg("seq"))
       .def("reset_prefix_cache", &BlockManager::reset_prefix_cache,
            "Forget every cached prefix (after a weight update the cached KV is stale).")

@@ -53,9 +53,12 @@ def test_prefix_cache_hits_and_lru_eviction():
     bm = BlockManager(6, BS)
     prompt = list(range(10))                       # blocks [0-3] [4-7] and a partial [8, 9]
     assert bm.allocate(1, prompt) == 0
+    assert bm.allocate(2, prompt + [42]) == 0      # nothing computed yet: nothing to share
+    bm.free(2)
+    bm.mark_computed(1, 10)
     assert bm.allocate(2, prompt + [42]) == 8      # two full blocks reused
     assert bm.block_table(2)[:2] == bm.block_table(1)[:2]
-    assert bm.hit_tokens == 8 and bm.queried_tokens == 8 + 8
+    assert bm.hit_tokens == 8 and bm.queried_tokens == 3 * 8
     bm.free(1)
     bm.free(2)
     assert bm.num_free == 6 and bm.num_cached_free == 2
@@ -69,6 +72,7 @@ def test_prefix_cache_hits_and_lru_eviction():
 def test_prefix_cache_requires_the_whole_chain():
     bm = BlockManager(16, BS)
     bm.allocate(1, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    bm.mark_computed(1, 9)
     # same second block after a different first block: no hit (the hash chains through the prefix)
     assert bm.allocate(2, [0, 0, 0, 0, 5, 6, 7, 8, 9]) == 0
     # the whole prompt cached still recomputes its last block so the last token gets logits
@@ -78,6 +82,7 @@ def test_prefix_cache_requires_the_whole_chain():
 def test_reset_prefix_cache_and_accounting():
     bm = BlockManager(4, BS)
     bm.allocate(1, list(range(9)))
+    bm.mark_computed(1, 9)
     bm.free(1)
     assert bm.num_cached_free == 2
     bm.reset_prefix_cache()

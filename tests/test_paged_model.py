@@ -73,6 +73,7 @@ def test_chunked_prefill_and_cached_prefix_give_the_same_logits():
     runner = Runner(model)
     runner.bm.allocate(0, prompt)
     full = runner.step([(0, prompt)])
+    runner.bm.mark_computed(0, len(prompt))
     # the same prompt again: 20 tokens (5 full blocks) come from the prefix cache
     cached = runner.bm.allocate(1, prompt)
     assert cached == 20 and runner.bm.hit_tokens == 20
