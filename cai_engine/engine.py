@@ -1,0 +1,265 @@
+"""In-process sampling engine over the paged KV cache: continuous batching, chunked prefill, prefix
+caching, preemption by recompute, n samples sharing their prompt's blocks.
+
+It runs on the very model object training updates: when any parameter changed since the last call
+(an optimizer step bumps tensor versions), the prefix cache is dropped before sampling.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ._native import BlockManager
+from .kv_cache import PagedBatch, PagedKVCache, blocks_for_budget
+from .model import Transformer
+from .sampling import SamplingParams, process_logits, sample
+from .tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class Completion:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)            # raw: log softmax of the model's logits
+    processed_logprobs: list[float] = field(default_factory=list)  # after penalties / temperature / top-k/p
+    finish_reason: str | None = None                               # "stop" | "length"
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+    error: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text if self.outputs else ""
+
+
+@dataclass(slots=True)
+class _Seq:
+    id: int
+    request: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    out: Completion
+    computed: int = 0            # tokens whose KV is in the cache
+    allocated: bool = False
+    children: int = 0            # samples still to fork off this one after its prefill (n > 1)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.out.token_ids
+
+
+class LLM:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, kv_cache_bytes: int = 1 << 30,
+                 block_size: int = 16, max_batch_tokens: int = 2048, max_num_seqs: int = 256,
+                 prefix_caching: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        blocks = blocks_for_budget(model.config, kv_cache_bytes, block_size, model.dtype)
+        self.blocks = BlockManager(blocks, block_size, prefix_caching)
+        self.cache = PagedKVCache(model.config, blocks, block_size, model.dtype, model.device)
+        self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
+        self.max_len = model.config.max_position_embeddings
+        self.eos = {tokenizer.eos_id} - {None}
+        self._ids = itertools.count()
+        self._weights_version = None
+        self.preemptions = 0
+
+    # ------------------------------------------------------------------ public
+
+    def encode_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise ValueError("a prompt is a string, a list of chat messages, or a list of token ids")
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool | None = None) -> list[RequestOutput]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        self._drop_stale_prefix_cache()
+        results: list[RequestOutput] = []
+        waiting: deque[_Seq] = deque()
+        for r, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                ids = self.encode_prompt(prompt)
+                p.validate()
+                if not ids:
+                    raise ValueError("prompt is empty")
+                if len(ids) >= self.max_len:
+                    raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_len}")
+                if -(-len(ids) // self.blocks.block_size) > self.blocks.num_blocks:
+                    raise ValueError("prompt does not fit in the KV cache")
+                results.append(RequestOutput(ids, [Completion() for _ in range(p.n)]))
+                seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)))
+                waiting.append(self._new_seq(r, ids, p, seed, results[r].outputs[0], children=p.n - 1))
+            except ValueError as e:
+                results.append(RequestOutput([], [], error=str(e)))
+        total = sum(len(r.outputs) for r in results)
+        show = progress if progress is not None else total >= 64 and sys.stderr.isatty()
+        running: list[_Seq] = []
+        done = 0
+        while waiting or running:
+            finished = self._step(waiting, running, results)
+            done += finished
+            if show and finished:
+                print(f"\rgenerate: {done}/{total}", end="", file=sys.stderr, flush=True)
+        if show:
+            print(file=sys.stderr)
+        return results
+
+    def reset_prefix_cache(self) -> None:
+        self.blocks.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ internals
+
+    def _drop_stale_prefix_cache(self) -> None:
+        version = sum(p._version for p in self.model.parameters())
+        if self._weights_version is not None and version != self._weights_version:
+            self.reset_prefix_cache()
+        self._weights_version = version
+
+    def _new_seq(self, request, prompt, params, seed, out, children=0) -> _Seq:
+        gen = torch.Generator().manual_seed(seed)
+        return _Seq(next(self._ids), request, list(prompt), params, gen, out, children=children)
+
+    def _schedule(self, waiting: deque, running: list) -> list[tuple[_Seq, int]]:
+        """(sequence, number of new tokens) for this step: decodes first, then prefill chunks."""
+        budget = self.max_batch_tokens
+        work = []
+        for seq in list(running):
+            if seq not in running:
+                continue  # preempted to make room for a sequence before it
+            if self.blocks.num_tokens(seq.id) == len(seq.tokens):
+                continue  # every token has a slot already: a prefill, handled below
+            while not self.blocks.can_append(seq.id):
+                victim = running[-1]
+                self._preempt(victim, running, waiting)
+                if victim is seq:
+                    break
+            if seq not in running:
+                continue  # it was the only candidate left and went back to the queue
+            self.blocks.append(seq.id, seq.tokens[-1])
+            work.append((seq, 1))
+            budget -= 1
+        scheduled = {s.id for s, _ in work}
+        for seq in running:  # continue chunked prefills
+            todo = len(seq.tokens) - seq.computed
+            if seq.id in scheduled or todo == 0:
+                continue
+            if budget <= 0:
+                break
+            n = min(todo, budget)
+            work.append((seq, n))
+            budget -= n
+        while waiting and budget > 0 and len(running) < self.max_num_seqs:
+            seq = waiting[0]
+            if not self.blocks.can_allocate(seq.tokens):
+                break
+            waiting.popleft()
+            seq.computed = self.blocks.allocate(seq.id, seq.tokens)
+            seq.allocated = True
+            running.append(seq)
+            n = min(len(seq.tokens) - seq.computed, budget)
+            work.append((seq, n))
+            budget -= n
+        return work
+
+    def _preempt(self, seq: _Seq, running: list, waiting: deque) -> None:
+        """Free a sequence's blocks and queue it to recompute its prompt and output so far."""
+        running.remove(seq)
+        self.blocks.free(seq.id)
+        seq.computed, seq.allocated = 0, False
+        waiting.appendleft(seq)
+        self.preemptions += 1
+
+    @torch.no_grad()
+    def _step(self, waiting: deque, running: list, results: list[RequestOutput]) -> int:
+        work = self._schedule(waiting, running)
+        if not work:
+            raise RuntimeError("the KV cache cannot hold even one sequence; raise kv_cache_bytes")
+        ids, pos, slots, lens = [], [], [], []
+        bs = self.blocks.block_size
+        for seq, n in work:
+            start = seq.computed
+            ids += seq.tokens[start:start + n]
+            pos += range(start, start + n)
+            table = self.blocks.block_table(seq.id)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            lens.append(start + n)
+        width = max(len(self.blocks.block_table(s.id)) for s, _ in work)
+        tables = torch.zeros(len(work), width, dtype=torch.int32)
+        for b, (seq, _) in enumerate(work):
+            t = self.blocks.block_table(seq.id)
+            tables[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        dev = self.model.device
+        batch = PagedBatch(self.cache, torch.tensor(slots, device=dev), tables.to(dev), torch.tensor(lens, device=dev),
+                           [n for _, n in work])
+        hidden = self.model(torch.tensor([ids], device=dev), position_ids=torch.tensor([pos], device=dev),
+                            paged=batch)[0]
+        ends = torch.tensor([n for _, n in work], device=dev).cumsum(0) - 1
+        logits = (hidden[ends] @ self.model.lm_head.T).float().cpu()
+        finished = 0
+        for (seq, n), row in zip(work, logits):
+            seq.computed += n
+            self.blocks.mark_computed(seq.id, seq.computed)
+            if seq.computed < len(seq.tokens):
+                continue  # mid-prefill: no token yet
+            group = [seq] + self._fork_children(seq, results, running)
+            for s in group:
+                finished += self._sample_one(s, row, running)
+        return finished
+
+    def _fork_children(self, seq: _Seq, results, running) -> list[_Seq]:
+        kids = []
+        for k in range(seq.children):
+            out = results[seq.request].outputs[len(results[seq.request].outputs) - seq.children + k]
+            child = self._new_seq(seq.request, seq.prompt, seq.params, seq.generator.initial_seed() + k + 1, out)
+            self.cache.copy_blocks(self.blocks.fork(seq.id, child.id))
+            child.computed, child.allocated = seq.computed, True
+            running.append(child)
+            kids.append(child)
+        seq.children = 0
+        return kids
+
+    def _sample_one(self, seq: _Seq, logits: torch.Tensor, running: list) -> int:
+        p, out = seq.params, seq.out
+        banned = []
+        if len(out.token_ids) < p.min_tokens:
+            banned = sorted((set() if p.ignore_eos else self.eos) | set(p.stop_token_ids))
+        seen = torch.tensor(seq.tokens) if p.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
+        processed = process_logits(logits, p, seen, out.token_ids, banned)
+        token = sample(processed, seq.generator)
+        out.token_ids.append(token)
+        out.logprobs.append(float(logits.log_softmax(-1)[token]))
+        out.processed_logprobs.append(float(processed[token]))
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
+        visible = [t for t in out.token_ids if t not in stops]
+        out.text = self.tokenizer.decode(visible, skip_special_tokens=True)
+        reason = None
+        if token in stops:  # banned until min_tokens, so only sampled after it
+            reason = "stop"
+        elif any(s in out.text for s in p.stop):
+            cut = min(out.text.find(s) for s in p.stop if s in out.text)
+            out.text, reason = out.text[:cut], "stop"
+        elif len(out.token_ids) >= p.max_tokens or len(seq.tokens) >= self.max_len:
+            reason = "length"
+        if reason is None:
+            return 0
+        out.finish_reason = reason
+        running.remove(seq)
+        self.blocks.free(seq.id)
+        return 1
