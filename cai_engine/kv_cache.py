@@ -69,9 +69,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     H, D = q.shape[1], q.shape[2]
     scale = scale if scale is not None else D ** -0.5
-    if all(n == 1 for n in query_lens) and choose_backend(q) == "triton":
-        from .kernels.paged_attention import paged_decode
-        return paged_decode(q, k_cache, v_cache, block_tables, context_lens.to(torch.int32), scale)
+    if all(n == 1 for n in query_lens):
+        backend = choose_backend(q)
+        if backend == "triton":
+            from .kernels.paged_attention import paged_decode
+            return paged_decode(q, k_cache, v_cache, block_tables, context_lens.to(torch.int32), scale)
+        if backend == "native" and q.dtype == k_cache.dtype == torch.float32:
+            from . import _native
+            out = torch.empty_like(q)
+            _native.paged_decode(q.detach().contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
+                                 block_tables.to(torch.int32).numpy(), context_lens.to(torch.int32).numpy(), scale,
+                                 out.numpy())
+            return out
     out = torch.empty_like(q)
     lens = context_lens.tolist()
     start = 0

@@ -3,3 +3,4 @@
 
 float row_logsumexp(const float* x, int64_t n);
 f32_array logsumexp_rows(f32_array x);
+float top_p_threshold(f32_array probs, float top_p, int iterations);

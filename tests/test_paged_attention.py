@@ -42,10 +42,9 @@ def fill_cache(lengths, block_size, n_kv=2, head_dim=16, num_blocks=64, seed=0, 
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
 def test_decode_matches_dense(backend, block_size, monkeypatch):
-    if backend == "triton":
-        monkeypatch.setenv("CAI_ENGINE_BACKEND", "triton")
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
     lengths = [1, 7, 16, 33]
     cache, tables, keys, values = fill_cache(lengths, block_size)
     g = torch.Generator().manual_seed(1)
