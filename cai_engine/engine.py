@@ -212,15 +212,16 @@ class LLM:
                             paged=batch)[0]
         ends = torch.tensor([n for _, n in work], device=dev).cumsum(0) - 1
         logits = (hidden[ends] @ self.model.lm_head.T).float().cpu()
+        raw_logprobs = logits.log_softmax(-1)
         finished = 0
-        for (seq, n), row in zip(work, logits):
+        for (seq, n), row, raw in zip(work, logits, raw_logprobs):
             seq.computed += n
             self.blocks.mark_computed(seq.id, seq.computed)
             if seq.computed < len(seq.tokens):
                 continue  # mid-prefill: no token yet
             group = [seq] + self._fork_children(seq, results, running)
             for s in group:
-                finished += self._sample_one(s, row, running)
+                finished += self._sample_one(s, row, raw, running)
         return finished
 
     def _fork_children(self, seq: _Seq, results, running) -> list[_Seq]:
@@ -235,7 +236,10 @@ class LLM:
         seq.children = 0
         return kids
 
-    def _sample_one(self, seq: _Seq, logits: torch.Tensor, running: list) -> int:
+    def _text(self, out: Completion, stops: set[int]) -> str:
+        return self.tokenizer.decode([t for t in out.token_ids if t not in stops], skip_special_tokens=True)
+
+    def _sample_one(self, seq: _Seq, logits: torch.Tensor, raw_logprobs: torch.Tensor, running: list) -> int:
         p, out = seq.params, seq.out
         banned = []
         if len(out.token_ids) < p.min_tokens:
@@ -244,21 +248,22 @@ class LLM:
         processed = process_logits(logits, p, seen, out.token_ids, banned)
         token = sample(processed, seq.generator)
         out.token_ids.append(token)
-        out.logprobs.append(float(logits.log_softmax(-1)[token]))
+        out.logprobs.append(float(raw_logprobs[token]))
         out.processed_logprobs.append(float(processed[token]))
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
-        visible = [t for t in out.token_ids if t not in stops]
-        out.text = self.tokenizer.decode(visible, skip_special_tokens=True)
-        reason = None
+        reason, text = None, None
         if token in stops:  # banned until min_tokens, so only sampled after it
             reason = "stop"
-        elif any(s in out.text for s in p.stop):
-            cut = min(out.text.find(s) for s in p.stop if s in out.text)
-            out.text, reason = out.text[:cut], "stop"
-        elif len(out.token_ids) >= p.max_tokens or len(seq.tokens) >= self.max_len:
+        elif p.stop:  # stop strings need the text so far
+            text = self._text(out, stops)
+            hits = [text.find(s) for s in p.stop if s in text]
+            if hits:
+                text, reason = text[:min(hits)], "stop"
+        if reason is None and (len(out.token_ids) >= p.max_tokens or len(seq.tokens) >= self.max_len):
             reason = "length"
         if reason is None:
             return 0
+        out.text = text if text is not None else self._text(out, stops)
         out.finish_reason = reason
         running.remove(seq)
         self.blocks.free(seq.id)
