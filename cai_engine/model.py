@@ -121,7 +121,7 @@ class Attention(nn.Module):
         q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [T, heads, D]: sequences are flattened
         paged.cache.store(self.layer, paged.slots, k, v)
         return paged_attention(q, paged.cache.k[self.layer], paged.cache.v[self.layer], paged.block_tables,
-                               paged.context_lens, paged.query_lens)
+                               paged.context_lens, paged.query_lens, plan=paged.plan)
 
     @staticmethod
     def _flash_varlen(q, k, v, varlen) -> torch.Tensor:

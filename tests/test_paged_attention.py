@@ -97,3 +97,40 @@ def test_copy_blocks():
     src = int(tables[0, 1])
     cache.copy_blocks([(src, 30)])
     assert torch.equal(cache.k[0][30], cache.k[0][src]) and torch.equal(cache.v[0][30], cache.v[0][src])
+
+
+def test_cascade_attention_over_a_shared_prefix_matches_dense():
+    from cai_engine.kv_cache import common_prefix_blocks
+    g = torch.Generator().manual_seed(5)
+    bs, n_kv, D, H = 4, 2, 16, 6
+    cfg = ModelConfig(num_hidden_layers=1, num_attention_heads=H, num_key_value_heads=n_kv, hidden_size=H * D)
+    cache = PagedKVCache(cfg, 64, bs, torch.float32, "cpu")
+    bm = BlockManager(64, bs, prefix_caching=True)
+    prefix = list(range(100, 122))                      # 22 tokens: 5 full blocks shared
+    suffixes = [[1, 2, 3], [4], list(range(7, 19))]
+    keys, values = {}, {}
+    for s, suf in enumerate(suffixes):
+        toks = prefix + suf
+        cached = bm.allocate(s, toks)
+        k = torch.randn(len(toks), n_kv, D, generator=g)
+        v = torch.randn(len(toks), n_kv, D, generator=g)
+        if cached:  # the shared blocks hold the first sequence's prefix KV
+            k[:cached], v[:cached] = keys[0][:cached], values[0][:cached]
+        slots = torch.tensor([bm.slot(s, p) for p in range(cached, len(toks))])
+        cache.store(0, slots, k[cached:], v[cached:])
+        bm.mark_computed(s, len(toks))
+        keys[s], values[s] = k, v
+    width = max(len(bm.block_table(s)) for s in range(3))
+    tables = torch.zeros(3, width, dtype=torch.int32)
+    for s in range(3):
+        tables[s, : len(bm.block_table(s))] = torch.tensor(bm.block_table(s))
+    lens = torch.tensor([len(prefix) + len(x) for x in suffixes])
+    assert common_prefix_blocks(tables, lens, bs) == 5
+    for query_lens in ([1, 1, 1], [3, 1, 12], [2, 1, 5]):
+        q = torch.randn(sum(query_lens), H, D, generator=g)
+        got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
+        start = 0
+        for s, n in enumerate(query_lens):
+            ref = dense_attention(q[start:start + n], keys[s], values[s], D ** -0.5)
+            torch.testing.assert_close(got[start:start + n].double(), ref, atol=1e-5, rtol=1e-5)
+            start += n
