@@ -49,7 +49,6 @@ class _Seq:
     generator: torch.Generator
     out: Completion
     computed: int = 0            # tokens whose KV is in the cache
-    allocated: bool = False
     children: int = 0            # samples still to fork off this one after its prefill (n > 1)
 
     @property
@@ -171,7 +170,6 @@ class LLM:
                 break
             waiting.popleft()
             seq.computed = self.blocks.allocate(seq.id, seq.tokens)
-            seq.allocated = True
             running.append(seq)
             n = min(len(seq.tokens) - seq.computed, budget)
             work.append((seq, n))
@@ -182,7 +180,7 @@ class LLM:
         """Free a sequence's blocks and queue it to recompute its prompt and output so far."""
         running.remove(seq)
         self.blocks.free(seq.id)
-        seq.computed, seq.allocated = 0, False
+        seq.computed = 0
         waiting.appendleft(seq)
         self.preemptions += 1
 
@@ -230,7 +228,7 @@ class LLM:
             out = results[seq.request].outputs[len(results[seq.request].outputs) - seq.children + k]
             child = self._new_seq(seq.request, seq.prompt, seq.params, seq.generator.initial_seed() + k + 1, out)
             self.cache.copy_blocks(self.blocks.fork(seq.id, child.id))
-            child.computed, child.allocated = seq.computed, True
+            child.computed = seq.computed
             running.append(child)
             kids.append(child)
         seq.children = 0
