@@ -63,6 +63,7 @@ class LLM:
         self.model, self.tokenizer = model, tokenizer
         blocks = blocks_for_budget(model.config, kv_cache_bytes, block_size, model.dtype)
         self.blocks = BlockManager(blocks, block_size, prefix_caching)
+        self.prefix_caching = prefix_caching
         self.cache = PagedKVCache(model.config, blocks, block_size, model.dtype, model.device)
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         self.max_len = model.config.max_position_embeddings
@@ -166,7 +167,7 @@ class LLM:
             budget -= n
         while waiting and budget > 0 and len(running) < self.max_num_seqs:
             seq = waiting[0]
-            if not self.blocks.can_allocate(seq.tokens):
+            if not self.blocks.can_allocate(seq.tokens) or self._prefix_in_flight(seq, running):
                 break
             waiting.popleft()
             seq.computed = self.blocks.allocate(seq.id, seq.tokens)
@@ -175,6 +176,21 @@ class LLM:
             work.append((seq, n))
             budget -= n
         return work
+
+    def _prefix_in_flight(self, seq: _Seq, running: list) -> bool:
+        """Whether a running prefill is still computing blocks this sequence could share: admitting it
+        now would recompute them (and its copies would not be shared by the batch's cascade attention)."""
+        if not self.prefix_caching:
+            return False
+        bs = self.blocks.block_size
+        for other in running:
+            if other.computed >= len(other.tokens) or other.tokens[:bs] != seq.tokens[:bs]:
+                continue
+            shared = next((i for i, (a, b) in enumerate(zip(seq.tokens, other.tokens)) if a != b),
+                          min(len(seq.tokens), len(other.tokens)))
+            if shared // bs > other.computed // bs:
+                return True
+        return False
 
     def _preempt(self, seq: _Seq, running: list, waiting: deque) -> None:
         """Free a sequence's blocks and queue it to recompute its prompt and output so far."""

@@ -64,56 +64,85 @@ def common_prefix_blocks(block_tables: torch.Tensor, context_lens: torch.Tensor,
     return full if bool(same.all()) else int(same.long().cumprod(0).sum())
 
 
-def cascade_plan(block_tables, context_lens, query_lens, shared_blocks: int, bs: int) -> dict:
-    """Index tensors for cascade_attention; the same for every layer of a step."""
-    B, device = len(query_lens), block_tables.device
-    Lp = shared_blocks * bs
-    lens = context_lens.tolist()
-    Qm, Ls = max(query_lens), max(n - Lp for n in lens)
-    pos = Lp + torch.arange(Ls, device=device)                           # suffix key positions
-    table = block_tables.long()
-    slots = table.gather(1, (pos // bs).clamp_max(table.shape[1] - 1)[None].expand(B, -1)) * bs + pos % bs
-    n_ctx = context_lens.to(device).long()
-    slots = torch.where(pos[None] < n_ctx[:, None], slots, 0)            # padding reads slot 0, masked below
-    q_len = torch.tensor(query_lens, device=device)
-    row = torch.repeat_interleave(torch.arange(B, device=device), q_len)
-    col = torch.arange(int(q_len.sum()), device=device) - torch.repeat_interleave(q_len.cumsum(0) - q_len, q_len)
-    qpos = torch.zeros(B, Qm, dtype=torch.long, device=device)          # padded rows: position 0, discarded
-    qpos[row, col] = (n_ctx - q_len)[row] + col
-    plan = {"prefix": table[0, :shared_blocks], "suffix_slots": slots, "q_index": row * Qm + col, "B": B, "Qm": Qm,
-            "hide_suffix": ~(pos[None, None, :] <= qpos[:, :, None])[None, :, None]}
-    if int(qpos.min()) < Lp:  # a sequence still filling the shared prefix: causal within it
-        plan["hide_prefix"] = ~(torch.arange(Lp, device=device) <= qpos[:, :, None])[None, :, None]
-    return plan
+def softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis in place; returns the log-sum-exp. A row with every score -inf (no
+    visible key) becomes zeros with log-sum-exp -inf, so it weighs nothing when partials merge."""
+    if choose_backend(scores) == "native" and scores.dtype == torch.float32 and scores.is_contiguous():
+        from . import _native
+        lse = scores.new_empty(scores.shape[:-1])
+        _native.softmax_rows_(scores.view(-1, scores.shape[-1]).numpy(), lse.view(-1).numpy())
+        return lse
+    m = scores.amax(-1, keepdim=True)
+    m = torch.where(m.isfinite(), m, 0.0)
+    total = scores.sub_(m).exp_().sum(-1, keepdim=True)
+    scores.div_(total.clamp_min(torch.finfo(total.dtype).tiny))
+    return (m + total.log()).squeeze(-1)
 
 
-def cascade_attention(q, k_cache, v_cache, plan: dict, scale: float) -> torch.Tensor:
-    """Attention for a batch whose sequences share their first blocks (a few-shot prefix, n samples):
-    the shared keys are read once and scored for every query of the batch in one GEMM, each sequence's
-    own suffix in a padded batch, and one softmax spans both.
+def _partial(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(scores) @ values, log-sum-exp of the scores)."""
+    lse = softmax_(scores)
+    return torch.matmul(scores, values), lse
+
+
+def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """Attention over two disjoint key sets from each one's normalised output and log-sum-exp [.., H]."""
+    lse = torch.logaddexp(lse1, lse2)
+    return o1 * (lse1 - lse).exp().unsqueeze(-1) + o2 * (lse2 - lse).exp().unsqueeze(-1)
+
+
+def _prefix_partial(q: torch.Tensor, k_cache, v_cache, prefix: torch.Tensor, scale: float):
+    """Every query of the batch, q [B, H, D], against the shared blocks `prefix`, one GEMM per KV head:
+    (out [B, H, D], lse [B, H])."""
+    (B, H, D), n_kv = q.shape, k_cache.shape[2]
+    G = H // n_kv
+    # one gathered copy each, viewed [n_kv, Lp, D] with strides BLAS takes as they are
+    kp = k_cache.index_select(0, prefix).to(q.dtype).view(-1, n_kv, D).transpose(0, 1)
+    vp = v_cache.index_select(0, prefix).to(q.dtype).view(-1, n_kv, D).transpose(0, 1)
+    s = (q * scale).view(B, n_kv, G, D).transpose(0, 1).reshape(n_kv, B * G, D) @ kp.transpose(1, 2)
+    o, lse = _partial(s, vp)                                              # [n_kv, B * G, D], [n_kv, B * G]
+    return o.view(n_kv, B, G, D).transpose(0, 1).reshape(B, H, D), lse.view(n_kv, B, G).transpose(0, 1).reshape(B, H)
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, first_block=0, shared_blocks=0):
+    """One query per sequence, q [B, H, D], over its blocks from `first_block` on: (out [B, H, D], lse [B, H]).
+
+    Blocks below `shared_blocks` are the same physical blocks for every sequence (block_tables[0]'s):
+    they are read once and scored for the whole batch (cascade).
     """
-    (H, D), n_kv = q.shape[1:], k_cache.shape[2]
-    G, B, Qm = H // n_kv, plan["B"], plan["Qm"]
-    kp = k_cache[plan["prefix"]].flatten(0, 1).to(q.dtype)           # [Lp, n_kv, D]
-    vp = v_cache[plan["prefix"]].flatten(0, 1).to(q.dtype)
-    Lp = kp.shape[0]
-    ks = k_cache.view(-1, n_kv, D)[plan["suffix_slots"]].to(q.dtype)  # [B, Ls, n_kv, D]
-    vs = v_cache.view(-1, n_kv, D)[plan["suffix_slots"]].to(q.dtype)
-    qpad = q.new_zeros(B * Qm, H, D)
-    qpad[plan["q_index"]] = q
-    qg = qpad.view(B, Qm, n_kv, G, D).permute(2, 0, 3, 1, 4)        # [n_kv, B, G, Qm, D]
-    s_pre = (qg.reshape(n_kv, -1, D) @ kp.permute(1, 2, 0)).view(n_kv, B, G, Qm, Lp).mul_(scale)
-    s_suf = torch.einsum("kbgqd,blkd->kbgql", qg, ks).mul_(scale)
-    if "hide_prefix" in plan:
-        s_pre.masked_fill_(plan["hide_prefix"], float("-inf"))
-    s_suf.masked_fill_(plan["hide_suffix"], float("-inf"))
-    # one softmax over [prefix | suffix] without concatenating the two score tensors
-    m = torch.maximum(s_pre.amax(-1, keepdim=True), s_suf.amax(-1, keepdim=True))
-    p_pre, p_suf = s_pre.sub_(m).exp_(), s_suf.sub_(m).exp_()
-    denom = p_pre.sum(-1, keepdim=True) + p_suf.sum(-1, keepdim=True)
-    out = (p_pre.reshape(n_kv, -1, Lp) @ vp.transpose(0, 1)).view(n_kv, B, G, Qm, D)
-    out = (out + torch.einsum("kbgql,blkd->kbgqd", p_suf, vs)) / denom
-    return out.permute(1, 3, 0, 2, 4).reshape(B * Qm, H, D)[plan["q_index"]]
+    if shared_blocks > first_block:
+        prefix = block_tables[0, first_block:shared_blocks].long()
+        o1, lse1 = _prefix_partial(q, k_cache, v_cache, prefix, scale)
+        o2, lse2 = decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, shared_blocks)
+        return merge_partials(o1, lse1, o2, lse2), torch.logaddexp(lse1, lse2)
+    backend = choose_backend(q)
+    if backend == "native" and q.dtype == k_cache.dtype == torch.float32:
+        from . import _native
+        out, lse = torch.empty_like(q), q.new_empty(q.shape[:2])
+        _native.paged_decode(q.detach().contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
+                             block_tables.to(torch.int32).numpy(), context_lens.to(torch.int32).numpy(), scale,
+                             out.numpy(), lse.numpy(), first_block)
+        return out, lse
+    if backend == "triton":
+        from .kernels.paged_attention import paged_decode
+        return paged_decode(q, k_cache, v_cache, block_tables, context_lens.to(torch.int32), scale,
+                            first_block=first_block, return_lse=True)
+    return _decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, first_block)
+
+
+def _decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, first_block):
+    bs, n_kv, D = k_cache.shape[1:]
+    B, H = q.shape[:2]
+    out, lse = torch.zeros_like(q), q.new_full((B, H), float("-inf"))
+    for b, n in enumerate(context_lens.tolist()):
+        if n <= first_block * bs:
+            continue
+        k = gather_kv(k_cache, block_tables[b], n)[first_block * bs:].to(q.dtype)   # [L, n_kv, D]
+        v = gather_kv(v_cache, block_tables[b], n)[first_block * bs:].to(q.dtype)
+        s = torch.einsum("kgd,lkd->kgl", q[b].view(n_kv, H // n_kv, D), k).mul_(scale)
+        o, l = _partial(s, v.transpose(0, 1))
+        out[b], lse[b] = o.reshape(H, D), l.reshape(H)
+    return out, lse
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -127,44 +156,52 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     plan: dict | None = None) -> torch.Tensor:
     """Attention of each sequence's newest `query_lens[b]` tokens over its whole cached context.
 
-    q [sum(query_lens), H, D] (sequences concatenated); returns the same shape. Decode batches (every
-    query_len 1) on CUDA go through the Triton split-K kernel; everything else gathers the blocks and
-    runs SDPA, causal within the new tokens.
+    q [sum(query_lens), H, D] (sequences concatenated); returns the same shape. Decoding sequences (one
+    new token) go through the paged decode kernels, with the blocks they all share scored once for the
+    whole batch (cascade); prefill chunks gather their blocks and run SDPA, causal within the new tokens.
+    `plan` caches the step's metadata across layers.
     """
-    H, D = q.shape[1], q.shape[2]
-    scale = scale if scale is not None else D ** -0.5
+    scale = scale if scale is not None else q.shape[2] ** -0.5
     plan = {} if plan is None else plan
-    if "shared" not in plan:
-        multi = len(query_lens) > 1
-        plan["shared"] = common_prefix_blocks(block_tables, context_lens, k_cache.shape[1]) if multi else 0
-    if plan["shared"] >= MIN_SHARED_BLOCKS:
-        if "cascade" not in plan:
-            plan["cascade"] = cascade_plan(block_tables, context_lens, query_lens, plan["shared"], k_cache.shape[1])
-        return cascade_attention(q, k_cache, v_cache, plan["cascade"], scale)
-    if all(n == 1 for n in query_lens):
-        backend = choose_backend(q)
-        if backend == "triton":
-            from .kernels.paged_attention import paged_decode
-            return paged_decode(q, k_cache, v_cache, block_tables, context_lens.to(torch.int32), scale)
-        if backend == "native" and q.dtype == k_cache.dtype == torch.float32:
-            from . import _native
-            out = torch.empty_like(q)
-            _native.paged_decode(q.detach().contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
-                                 block_tables.to(torch.int32).numpy(), context_lens.to(torch.int32).numpy(), scale,
-                                 out.numpy())
-            return out
+    if "decode" not in plan:
+        rows = [b for b, n in enumerate(query_lens) if n == 1]
+        plan["decode"] = rows
+        plan["all_decode"] = len(rows) == len(query_lens)
+        if rows and not plan["all_decode"]:
+            plan["decode_q"] = torch.tensor([sum(query_lens[:b]) for b in rows], device=q.device)
+            plan["decode_rows"] = torch.tensor(rows, device=q.device)
+        if len(rows) > 1:
+            idx = plan.get("decode_rows")
+            tables, lens = (block_tables, context_lens) if idx is None else (block_tables[idx], context_lens[idx])
+            shared = common_prefix_blocks(tables, lens, k_cache.shape[1])
+            plan["shared"] = shared if shared >= MIN_SHARED_BLOCKS else 0
+    if plan["all_decode"]:
+        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                shared_blocks=plan.get("shared", 0))[0]
     out = torch.empty_like(q)
+    if plan["decode"]:
+        idx = plan["decode_rows"]
+        out[plan["decode_q"]] = decode_attention(q[plan["decode_q"]], k_cache, v_cache, block_tables[idx],
+                                                 context_lens[idx], scale, shared_blocks=plan.get("shared", 0))[0]
     lens = context_lens.tolist()
     start = 0
     for b, (n_q, n_ctx) in enumerate(zip(query_lens, lens)):
-        k = gather_kv(k_cache, block_tables[b], n_ctx).transpose(0, 1)   # [n_kv, ctx, D]
-        v = gather_kv(v_cache, block_tables[b], n_ctx).transpose(0, 1)
-        qb = q[start:start + n_q].transpose(0, 1)                       # [H, n_q, D]
-        mask = None
-        if n_q > 1:  # new token i sits at position n_ctx - n_q + i and sees everything up to it
-            mask = torch.ones(n_q, n_ctx, dtype=torch.bool, device=q.device).tril(n_ctx - n_q)
-        o = F.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
-                                           enable_gqa=True)
-        out[start:start + n_q] = o.transpose(0, 1)
+        if n_q > 1:
+            out[start:start + n_q] = _prefill_attention(q[start:start + n_q], k_cache, v_cache, block_tables[b],
+                                                        n_ctx, scale)
         start += n_q
     return out
+
+
+def _prefill_attention(q: torch.Tensor, k_cache, v_cache, block_table, n_ctx: int, scale: float) -> torch.Tensor:
+    """The last n_q = len(q) tokens of one sequence over its n_ctx cached tokens, causal among themselves."""
+    n_q = q.shape[0]
+    k = gather_kv(k_cache, block_table, n_ctx).transpose(0, 1).to(q.dtype)   # [n_kv, ctx, D]
+    v = gather_kv(v_cache, block_table, n_ctx).transpose(0, 1).to(q.dtype)
+    mask = None
+    if n_q < n_ctx:  # new token i sits at position n_ctx - n_q + i and sees everything up to it
+        mask = torch.ones(n_q, n_ctx, dtype=torch.bool, device=q.device).tril(n_ctx - n_q)
+    # 4-D inputs: with 3-D ones (or GQA) CPU SDPA falls back to its slow math kernel
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+                                       is_causal=mask is None, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)

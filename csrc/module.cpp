@@ -11,6 +11,8 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "cai-engine CPU kernels (no libtorch: plain buffers in, buffers out)";
   m.def("logsumexp_rows", &logsumexp_rows, py::arg("x"),
         "log(sum(exp(x), axis=1)) of a float32 [rows, cols] array, computed stably.");
+  m.def("softmax_rows_", &softmax_rows_, py::arg("x"), py::arg("lse"),
+        "Softmax of each row of x [rows, cols] in place; lse [rows] receives the rows' log-sum-exp.");
   m.def("top_p_threshold", &top_p_threshold, py::arg("probs"), py::arg("top_p"), py::arg("iterations") = 32,
         "The largest t with sum(p[p >= t]) >= top_p, by bisection (keeping p >= t is the top-p nucleus).");
   m.def("logprob_forward", &logprob_forward, py::arg("logits"), py::arg("labels"), py::arg("inv_temp"),
@@ -30,8 +32,10 @@ PYBIND11_MODULE(_native, m) {
         "Soft-label pairwise PM loss over all pairs: per-pair loss and d/d(gap), per-response and per-group sums.");
 
   m.def("paged_decode", &paged_decode, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
-        py::arg("context_lens"), py::arg("scale"), py::arg("out"),
-        "Decode attention: q [B, H, D] against caches [blocks, block_size, kv_heads, D] through block tables.");
+        py::arg("context_lens"), py::arg("scale"), py::arg("out"), py::arg("lse") = py::none(),
+        py::arg("first_block") = 0,
+        "Decode attention: q [B, H, D] against caches [blocks, block_size, kv_heads, D] through block tables, "
+        "from block first_block on; lse [B, H] (optional) receives each row's log-sum-exp of scores.");
   py::class_<BlockManager>(m, "BlockManager",
                            "Paged KV-cache blocks: free list, reference counts, block tables, copy-on-write forks and "
                            "prefix caching (chained block hashes, verified on a hit, LRU eviction).")

@@ -31,6 +31,27 @@ f32_array logsumexp_rows(f32_array x) {
 
 namespace {
 
+// softmax of one row in place; returns its log-sum-exp (-inf, and a zero row, when every entry is -inf)
+CAI_MULTIVERSION float softmax_row(float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  if (!std::isfinite(m)) {
+    for (int64_t j = 0; j < n; ++j) x[j] = 0.f;
+    return m;
+  }
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = exp_nonpositive(x[j] - m);
+    s += x[j];
+  }
+  const float inv = 1.f / s;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= inv;
+  return m + std::log(s);
+}
+
 CAI_MULTIVERSION float mass_at_least(const float* p, int64_t n, float t) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -39,6 +60,18 @@ CAI_MULTIVERSION float mass_at_least(const float* p, int64_t n, float t) {
 }
 
 }  // namespace
+
+void softmax_rows_(f32_out x, f32_out lse) {
+  check_ndim(x, 2, "x");
+  check_ndim(lse, 1, "lse");
+  check_dim(lse, 0, x.shape(0), "lse");
+  if (!(x.flags() & py::array::c_style)) throw std::invalid_argument("x: expected a C-contiguous array");
+  const int64_t rows = x.shape(0), cols = x.shape(1);
+  float *px = x.mutable_data(), *pl = lse.mutable_data();
+  py::gil_scoped_release nogil;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < rows; ++i) pl[i] = softmax_row(px + i * cols, cols);
+}
 
 float top_p_threshold(f32_array probs, float top_p, int iterations) {
   check_ndim(probs, 1, "probs");

@@ -12,7 +12,7 @@ import triton.language as tl
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, scale,
                          stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
-                         stride_os, stride_mb, stride_mh, blocks_per_split,
+                         stride_os, stride_mb, stride_mh, blocks_per_split, first_block,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr):
     seq = tl.program_id(0)
@@ -29,7 +29,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, m_pt
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-    first = split * blocks_per_split
+    first = first_block + split * blocks_per_split
     n_blocks = tl.cdiv(ctx_len, BLOCK_SIZE)
     last = tl.minimum(first + blocks_per_split, n_blocks)
     s = tl.arange(0, BLOCK_SIZE)
@@ -57,9 +57,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, m_pt
 
 
 @triton.jit
-def _merge_splits_kernel(part_ptr, m_ptr, l_ptr, out_ptr, n_splits, stride_pb, stride_ph, stride_ps, stride_mb,
-                         stride_mh, stride_ob, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
+def _merge_splits_kernel(part_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, n_splits, stride_pb, stride_ph, stride_ps,
+                         stride_mb, stride_mh, stride_ob, stride_oh, stride_lb, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     sp = tl.arange(0, BLOCK_S)
@@ -71,17 +71,25 @@ def _merge_splits_kernel(part_ptr, m_ptr, l_ptr, out_ptr, n_splits, stride_pb, s
     w = tl.where(l > 0, tl.exp(m - m_all), 0.0)
     part = tl.load(part_ptr + seq * stride_pb + head * stride_ph + sp[:, None] * stride_ps + d[None, :],
                    mask=sp_mask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
-    out = tl.sum(part * w[:, None], 0) / tl.sum(l * w, 0)
+    total = tl.sum(l * w, 0)
+    # no keys at all (every block skipped): an empty partial, weight 0 when merged with another
+    out = tl.where(total > 0, tl.sum(part * w[:, None], 0) / total, 0.0)
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    tl.store(lse_ptr + seq * stride_lb + head, tl.where(total > 0, m_all + tl.log(total), float("-inf")))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, blocks_per_split: int | None = None) -> torch.Tensor:
-    """q [B, H, D]; caches [num_blocks, block_size, n_kv, D]; block_tables [B, max_blocks] int32; -> [B, H, D]."""
+                 context_lens: torch.Tensor, scale: float, blocks_per_split: int | None = None, first_block: int = 0,
+                 return_lse: bool = False):
+    """q [B, H, D]; caches [num_blocks, block_size, n_kv, D]; block_tables [B, max_blocks] int32; -> [B, H, D].
+
+    first_block skips each sequence's leading blocks (cascade attention scores a shared prefix apart);
+    return_lse also returns the [B, H] log-sum-exp of the scores, to merge with another partial.
+    """
     B, H, D = q.shape
     _, block_size, n_kv, _ = k_cache.shape
     group = H // n_kv
-    max_blocks = block_tables.shape[1]
+    max_blocks = max(1, block_tables.shape[1] - first_block)
     if blocks_per_split is None:  # enough programs to fill the GPU on small batches
         blocks_per_split = max(1, triton.cdiv(max_blocks, max(1, 256 // max(1, B * n_kv))))
     n_splits = triton.cdiv(max_blocks, blocks_per_split)
@@ -93,10 +101,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _decode_split_kernel[(B, n_kv, n_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part, m, l, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1), blocks_per_split,
+        part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1), blocks_per_split, first_block,
         GROUP=group, BLOCK_G=triton.next_power_of_2(group), BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_D=block_d)
     out = torch.empty_like(q)
-    _merge_splits_kernel[(B, H)](part, m, l, out, n_splits, part.stride(0), part.stride(1), part.stride(2),
-                                 m.stride(0), m.stride(1), out.stride(0), out.stride(1), HEAD_DIM=D, BLOCK_D=block_d,
-                                 BLOCK_S=triton.next_power_of_2(n_splits))
-    return out
+    lse = torch.empty(B, H, **f32)
+    _merge_splits_kernel[(B, H)](part, m, l, out, lse, n_splits, part.stride(0), part.stride(1), part.stride(2),
+                                 m.stride(0), m.stride(1), out.stride(0), out.stride(1), lse.stride(0), HEAD_DIM=D,
+                                 BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(n_splits))
+    return (out, lse) if return_lse else out

@@ -55,6 +55,41 @@ def test_decode_matches_dense(backend, block_size, monkeypatch):
         torch.testing.assert_close(got[b:b + 1].double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_decode_from_a_block_returns_partial_and_lse(backend, monkeypatch):
+    """Keys from block `first_block` on only, with the log-sum-exp that merges partials; a sequence with
+    no keys left gives an empty partial (0, -inf)."""
+    from cai_engine.kv_cache import decode_attention
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
+    lengths, bs, first = [1, 7, 16, 33], 4, 2
+    cache, tables, keys, values = fill_cache(lengths, bs)
+    q = torch.randn(len(lengths), 6, 16, generator=torch.Generator().manual_seed(6))
+    out, lse = decode_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(lengths), 0.25, first)
+    for b, n in enumerate(lengths):
+        if n <= first * bs:
+            assert torch.all(out[b] == 0) and torch.all(lse[b] == float("-inf"))
+            continue
+        k, v = keys[b][first * bs:], values[b][first * bs:]
+        ref = dense_attention(q[b:b + 1], k, v, 0.25)
+        torch.testing.assert_close(out[b:b + 1].double(), ref, atol=1e-5, rtol=1e-5)
+        s = torch.einsum("hd,khd->hk", q[b].double(), k.double().repeat_interleave(3, 1)) * 0.25
+        torch.testing.assert_close(lse[b].double(), s.logsumexp(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_merge_partials_equals_attention_over_the_union():
+    from cai_engine.kv_cache import decode_attention, merge_partials
+    lengths, bs = [13, 40], 4
+    cache, tables, keys, values = fill_cache(lengths, bs)
+    q = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(7))
+    lens = torch.tensor(lengths)
+    head, lse_head = decode_attention(q, cache.k[0], cache.v[0], tables[:, :3], torch.tensor([12, 12]), 0.25)
+    tail, lse_tail = decode_attention(q, cache.k[0], cache.v[0], tables, lens, 0.25, first_block=3)
+    merged = merge_partials(head, lse_head, tail, lse_tail)
+    for b in range(2):
+        ref = dense_attention(q[b:b + 1], keys[b], values[b], 0.25)
+        torch.testing.assert_close(merged[b:b + 1].double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_triton_split_k_matches_one_split():
     from cai_engine.kernels.paged_attention import paged_decode
     lengths = [45, 9]
@@ -99,8 +134,10 @@ def test_copy_blocks():
     assert torch.equal(cache.k[0][30], cache.k[0][src]) and torch.equal(cache.v[0][30], cache.v[0][src])
 
 
-def test_cascade_attention_over_a_shared_prefix_matches_dense():
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_cascade_attention_over_a_shared_prefix_matches_dense(backend, monkeypatch):
     from cai_engine.kv_cache import common_prefix_blocks
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
     g = torch.Generator().manual_seed(5)
     bs, n_kv, D, H = 4, 2, 16, 6
     cfg = ModelConfig(num_hidden_layers=1, num_attention_heads=H, num_key_value_heads=n_kv, hidden_size=H * D)
@@ -126,7 +163,7 @@ def test_cascade_attention_over_a_shared_prefix_matches_dense():
         tables[s, : len(bm.block_table(s))] = torch.tensor(bm.block_table(s))
     lens = torch.tensor([len(prefix) + len(x) for x in suffixes])
     assert common_prefix_blocks(tables, lens, bs) == 5
-    for query_lens in ([1, 1, 1], [3, 1, 12], [2, 1, 5]):
+    for query_lens in ([1, 1, 1], [1, 1, 5], [3, 1, 12], [2, 1, 1]):
         q = torch.randn(sum(query_lens), H, D, generator=g)
         got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
         start = 0
@@ -134,3 +171,38 @@ def test_cascade_attention_over_a_shared_prefix_matches_dense():
             ref = dense_attention(q[start:start + n], keys[s], values[s], D ** -0.5)
             torch.testing.assert_close(got[start:start + n].double(), ref, atol=1e-5, rtol=1e-5)
             start += n
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_softmax_in_place_with_lse(backend, monkeypatch):
+    from cai_engine.kv_cache import softmax_
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
+    x = torch.randn(5, 37, generator=torch.Generator().manual_seed(8)) * 300
+    x[1] = float("-inf")                     # no visible key: zeros and -inf
+    x[2, :30] = float("-inf")
+    x[3] -= 800                              # every entry far below zero
+    ref = x.double()
+    got = x.clone()
+    lse = softmax_(got)
+    assert torch.all(got[1] == 0) and lse[1] == float("-inf")
+    keep = [0, 2, 3, 4]
+    torch.testing.assert_close(got[keep].double(), ref[keep].softmax(-1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse[keep].double(), ref[keep].logsumexp(-1), atol=1e-4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_decode_with_a_skipped_and_a_shared_range(backend, monkeypatch):
+    """first_block and shared_blocks together: blocks [first, shared) scored for the whole batch at once."""
+    from cai_engine.kv_cache import decode_attention
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
+    lengths, bs = [26, 30, 41], 4
+    cache, tables, keys, values = fill_cache(lengths, bs)
+    for b in (1, 2):  # make blocks 0..4 physically shared: sequence 0's blocks and KV
+        tables[b, :5] = tables[0, :5]
+        keys[b][:20], values[b][:20] = keys[0][:20], values[0][:20]
+    q = torch.randn(3, 6, 16, generator=torch.Generator().manual_seed(9))
+    out, lse = decode_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(lengths), 0.25, first_block=1,
+                                shared_blocks=5)
+    for b in range(3):
+        ref = dense_attention(q[b:b + 1], keys[b][bs:], values[b][bs:], 0.25)
+        torch.testing.assert_close(out[b:b + 1].double(), ref, atol=1e-5, rtol=1e-5)
