@@ -225,18 +225,25 @@ class LLM:
         hidden = self.model(torch.tensor([ids], device=dev), position_ids=torch.tensor([pos], device=dev),
                             paged=batch)[0]
         ends = torch.tensor([n for _, n in work], device=dev).cumsum(0) - 1
-        logits = (hidden[ends] @ self.model.lm_head.T).float().cpu()
-        raw_logprobs = logits.log_softmax(-1)
-        finished = 0
-        for (seq, n), row, raw in zip(work, logits, raw_logprobs):
+        ready = []  # sequences whose prompt is fully computed: each samples a token this step
+        for b, (seq, n) in enumerate(work):
             seq.computed += n
             self.blocks.mark_computed(seq.id, seq.computed)
-            if seq.computed < len(seq.tokens):
-                continue  # mid-prefill: no token yet
-            group = [seq] + self._fork_children(seq, results, running)
-            for s in group:
-                finished += self._sample_one(s, row, raw, running)
-        return finished
+            if seq.computed == len(seq.tokens):  # else mid-prefill: no token yet
+                ready += [(b, s) for s in [seq] + self._fork_children(seq, results, running)]
+        if not ready:
+            return 0
+        done = sorted({b for b, _ in ready})  # n > 1 samples share their parent's row
+        logits = (hidden[ends[done]] @ self.model.lm_head.T).float().cpu()
+        logits = logits[[done.index(b) for b, _ in ready]]
+        raw_logprobs = logits.log_softmax(-1)
+        seqs = [s for _, s in ready]
+        processed = process_logits(logits, [s.params for s in seqs],
+                                   [s.tokens if s.params.repetition_penalty != 1.0 else [] for s in seqs],
+                                   [s.out.token_ids for s in seqs], [self._banned(s) for s in seqs])
+        tokens = sample(processed, [s.generator for s in seqs])
+        return sum(self._append(s, t, float(raw_logprobs[i, t]), float(processed[i, t]), running)
+                   for i, (s, t) in enumerate(zip(seqs, tokens)))
 
     def _fork_children(self, seq: _Seq, results, running) -> list[_Seq]:
         kids = []
@@ -253,17 +260,18 @@ class LLM:
     def _text(self, out: Completion, stops: set[int]) -> str:
         return self.tokenizer.decode([t for t in out.token_ids if t not in stops], skip_special_tokens=True)
 
-    def _sample_one(self, seq: _Seq, logits: torch.Tensor, raw_logprobs: torch.Tensor, running: list) -> int:
+    def _banned(self, seq: _Seq) -> list[int]:
+        p = seq.params
+        if len(seq.out.token_ids) >= p.min_tokens:
+            return []
+        return sorted((set() if p.ignore_eos else self.eos) | set(p.stop_token_ids))
+
+    def _append(self, seq: _Seq, token: int, logprob: float, processed_logprob: float, running: list) -> int:
+        """Record a sampled token; finish the sequence on a stop token, stop string or length (returns 1)."""
         p, out = seq.params, seq.out
-        banned = []
-        if len(out.token_ids) < p.min_tokens:
-            banned = sorted((set() if p.ignore_eos else self.eos) | set(p.stop_token_ids))
-        seen = torch.tensor(seq.tokens) if p.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
-        processed = process_logits(logits, p, seen, out.token_ids, banned)
-        token = sample(processed, seq.generator)
         out.token_ids.append(token)
-        out.logprobs.append(float(raw_logprobs[token]))
-        out.processed_logprobs.append(float(processed[token]))
+        out.logprobs.append(logprob)
+        out.processed_logprobs.append(processed_logprob)
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
         reason, text = None, None
         if token in stops:  # banned until min_tokens, so only sampled after it

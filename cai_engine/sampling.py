@@ -40,40 +40,51 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams: {message}")
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, output: list[int],
-                   banned: list[int]) -> torch.Tensor:
-    """Log-probabilities after penalties, temperature, top-k, top-p and min-p (greedy keeps the argmax only).
+def process_logits(logits: torch.Tensor, params: list[SamplingParams], tokens: list[list[int]],
+                   outputs: list[list[int]], banned: list[list[int]]) -> torch.Tensor:
+    """Log-probabilities [N, V] after penalties, temperature, top-k, top-p and min-p, one row per sequence
+    (greedy rows keep their argmax only). Rows are processed together, but each row's result depends on
+    that row alone, so sampling does not depend on what else is in the batch.
 
-    seen: token ids of prompt + output (for the repetition penalty); banned: ids masked out (EOS and stop
-    ids before min_tokens).
+    tokens: each row's prompt + output ids (repetition penalty); outputs: output ids (presence and
+    frequency penalties); banned: ids masked out (EOS and stop ids before min_tokens).
     """
     z = logits.float().clone()
-    if params.repetition_penalty != 1.0 and seen.numel():
-        picked = z[seen]
-        z[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if output and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(output), minlength=z.numel()).to(z.dtype)
-        z -= params.presence_penalty * (counts > 0) + params.frequency_penalty * counts
-    if banned:
-        z[banned] = float("-inf")
-    if params.temperature == 0:
-        keep = torch.full_like(z, float("-inf"))
-        keep[z.argmax()] = 0.0
-        return keep
-    z = z / params.temperature
-    if params.top_k and params.top_k < z.numel():
-        kth = torch.topk(z, params.top_k).values[-1]
-        z = z.masked_fill(z < kth, float("-inf"))
-    if params.top_p < 1.0:
-        z = _top_p(z, params.top_p)
-    if params.min_p > 0:
-        probs = z.softmax(-1)
-        z = z.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
-    return z.log_softmax(-1)
+    for i, p in enumerate(params):  # the rarer per-row options
+        if p.repetition_penalty != 1.0 and tokens[i]:
+            seen = torch.tensor(tokens[i], device=z.device)
+            picked = z[i, seen]
+            z[i, seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if outputs[i] and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(outputs[i], device=z.device), minlength=z.shape[1]).to(z.dtype)
+            z[i] -= p.presence_penalty * (counts > 0) + p.frequency_penalty * counts
+        if banned[i]:
+            z[i, banned[i]] = float("-inf")
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    argmax = z[greedy].argmax(-1) if greedy else None
+    z /= torch.tensor([p.temperature or 1.0 for p in params], device=z.device)[:, None]
+    for i, p in enumerate(params):
+        if p.temperature and p.top_k and p.top_k < z.shape[1]:
+            kth = torch.topk(z[i], p.top_k).values[-1]
+            z[i].masked_fill_(z[i] < kth, float("-inf"))
+    rows = [i for i, p in enumerate(params) if p.temperature and p.top_p < 1.0]
+    if rows:
+        z[rows] = _top_p(z[rows], torch.tensor([params[i].top_p for i in rows]))
+    rows = [i for i, p in enumerate(params) if p.temperature and p.min_p > 0]
+    if rows:
+        probs = z[rows].softmax(-1)
+        min_p = torch.tensor([params[i].min_p for i in rows], device=z.device)[:, None]
+        z[rows] = z[rows].masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    logprobs = z.log_softmax(-1)
+    if greedy:
+        logprobs[greedy] = float("-inf")
+        logprobs[greedy, argmax] = 0.0
+    return logprobs
 
 
-def _top_p(z: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (the sorted prefix).
+def _top_p(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row of z [N, V], keep the smallest set of most likely tokens whose mass reaches top_p [N]
+    (the sorted prefix).
 
     Sorting the vocabulary costs milliseconds per row; instead bisect for the largest probability
     threshold t whose kept mass, sum of p >= t, still reaches top_p (native: vectorised passes).
@@ -81,18 +92,22 @@ def _top_p(z: torch.Tensor, top_p: float) -> torch.Tensor:
     probs = z.softmax(-1)
     if probs.device.type == "cpu" and probs.dtype == torch.float32:
         from . import _native
-        threshold = _native.top_p_threshold(probs.numpy(), top_p)
+        threshold = torch.from_numpy(_native.top_p_threshold(probs.contiguous().numpy(), top_p.float().numpy()))
     else:
-        lo, hi = 0.0, float(probs.max())
+        top_p = top_p.to(probs.device, probs.dtype)
+        lo, hi = torch.zeros_like(top_p), probs.amax(-1)
         for _ in range(32):
             mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if float(torch.where(probs >= mid, probs, 0).sum()) >= top_p else (lo, mid)
+            enough = torch.where(probs >= mid[:, None], probs, 0).sum(-1) >= top_p
+            lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
         threshold = lo
-    return z.masked_fill(probs < threshold, float("-inf"))
+    return z.masked_fill(probs < threshold.to(probs.device)[:, None], float("-inf"))
 
 
-def sample(logprobs: torch.Tensor, generator: torch.Generator) -> int:
-    """One draw from exp(logprobs) by inverting its CDF with a single uniform from the sequence's generator."""
-    cdf = logprobs.exp().cumsum(0)
-    u = torch.rand(1, generator=generator, dtype=cdf.dtype) * cdf[-1]
-    return min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
+def sample(logprobs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
+    """One draw per row of exp(logprobs) [N, V] by inverting its CDF with a single uniform from that row's
+    generator."""
+    cdf = logprobs.exp().cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g, dtype=cdf.dtype) for g in generators]).to(cdf.device)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return picked.clamp_max(cdf.shape[1] - 1).tolist()

@@ -14,7 +14,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("softmax_rows_", &softmax_rows_, py::arg("x"), py::arg("lse"),
         "Softmax of each row of x [rows, cols] in place; lse [rows] receives the rows' log-sum-exp.");
   m.def("top_p_threshold", &top_p_threshold, py::arg("probs"), py::arg("top_p"), py::arg("iterations") = 32,
-        "The largest t with sum(p[p >= t]) >= top_p, by bisection (keeping p >= t is the top-p nucleus).");
+        "Per row of probs [rows, V]: the largest t with sum(p[p >= t]) >= top_p[row], by bisection (keeping "
+        "p >= t is the top-p nucleus).");
   m.def("logprob_forward", &logprob_forward, py::arg("logits"), py::arg("labels"), py::arg("inv_temp"),
         py::arg("ignore_index"), py::arg("logp"), py::arg("lse"), py::arg("entropy") = py::none(),
         "Row statistics of softmax(logits * inv_temp): writes log p(label), log-sum-exp and (optionally) entropy.");

@@ -73,15 +73,25 @@ void softmax_rows_(f32_out x, f32_out lse) {
   for (int64_t i = 0; i < rows; ++i) pl[i] = softmax_row(px + i * cols, cols);
 }
 
-float top_p_threshold(f32_array probs, float top_p, int iterations) {
-  check_ndim(probs, 1, "probs");
-  const float* p = probs.data();
-  const int64_t n = probs.shape(0);
-  float lo = 0.f, hi = 0.f;
-  for (int64_t i = 0; i < n; ++i) hi = p[i] > hi ? p[i] : hi;
-  for (int it = 0; it < iterations; ++it) {
-    const float mid = 0.5f * (lo + hi);
-    if (mass_at_least(p, n, mid) >= top_p) lo = mid; else hi = mid;
+f32_array top_p_threshold(f32_array probs, f32_array top_p, int iterations) {
+  check_ndim(probs, 2, "probs");
+  check_ndim(top_p, 1, "top_p");
+  check_dim(top_p, 0, probs.shape(0), "top_p");
+  const int64_t rows = probs.shape(0), n = probs.shape(1);
+  f32_array out(rows);
+  const float *pp = probs.data(), *tp = top_p.data();
+  float* po = out.mutable_data();
+  py::gil_scoped_release nogil;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = pp + r * n;
+    float lo = 0.f, hi = 0.f;
+    for (int64_t i = 0; i < n; ++i) hi = p[i] > hi ? p[i] : hi;
+    for (int it = 0; it < iterations; ++it) {
+      const float mid = 0.5f * (lo + hi);
+      if (mass_at_least(p, n, mid) >= tp[r]) lo = mid; else hi = mid;
+    }
+    po[r] = lo;
   }
-  return lo;
+  return out;
 }

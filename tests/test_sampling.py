@@ -11,34 +11,69 @@ def test_top_p_keeps_the_sorted_prefix():
         probs = z.softmax(-1)
         sorted_p, order = probs.sort(descending=True)
         expected = set(order[(sorted_p.cumsum(0) - sorted_p) < top_p].tolist())
-        kept = set(torch.isfinite(_top_p(z, top_p)).nonzero().squeeze(1).tolist())
+        kept = set(torch.isfinite(_top_p(z[None], torch.tensor([top_p]))[0]).nonzero().squeeze(1).tolist())
         assert kept == expected
 
 
 def test_sample_follows_the_distribution():
     logp = torch.tensor([0.5, 0.3, 0.2]).log()
     g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(torch.tensor([sample(logp, g) for _ in range(20000)]), minlength=3).float() / 20000
+    counts = torch.bincount(torch.tensor(sample(logp.expand(20000, 3), [g] * 20000)), minlength=3).float() / 20000
     torch.testing.assert_close(counts, logp.exp(), atol=0.015, rtol=0)
+
+
+def one(z, params, tokens=(), output=(), banned=()):
+    return process_logits(z[None], [params], [list(tokens)], [list(output)], [list(banned)])[0]
 
 
 def test_processing_steps():
     z = torch.tensor([2.0, 1.0, 0.0, -1.0, 3.0])
-    greedy = process_logits(z, SamplingParams(temperature=0), torch.empty(0, dtype=torch.long), [], [])
+    greedy = one(z, SamplingParams(temperature=0))
     assert int(greedy.argmax()) == 4 and torch.isinf(greedy).sum() == 4
-    top2 = process_logits(z, SamplingParams(top_k=2), torch.empty(0, dtype=torch.long), [], [])
+    top2 = one(z, SamplingParams(top_k=2))
     assert torch.isfinite(top2).nonzero().squeeze(1).tolist() == [0, 4]
-    minp = process_logits(z, SamplingParams(min_p=0.3), torch.empty(0, dtype=torch.long), [], [])
+    minp = one(z, SamplingParams(min_p=0.3))
     assert torch.isfinite(minp).nonzero().squeeze(1).tolist() == [0, 4]
-    banned = process_logits(z, SamplingParams(), torch.empty(0, dtype=torch.long), [], [4])
+    banned = one(z, SamplingParams(), banned=[4])
     assert banned[4] == float("-inf")
-    rep = process_logits(z, SamplingParams(repetition_penalty=2.0, temperature=0), torch.tensor([4]), [], [])
+    rep = one(z, SamplingParams(repetition_penalty=2.0, temperature=0), tokens=[4])
     assert int(rep.argmax()) == 0          # 3 / 2 = 1.5 < 2
-    pres = process_logits(z, SamplingParams(presence_penalty=5.0, temperature=0), torch.empty(0, dtype=torch.long),
-                          [4, 4], [])
+    pres = one(z, SamplingParams(presence_penalty=5.0, temperature=0), output=[4, 4])
     assert int(pres.argmax()) == 0
-    torch.testing.assert_close(process_logits(z, SamplingParams(temperature=2.0), torch.empty(0, dtype=torch.long),
-                                              [], []), (z / 2).log_softmax(-1))
+    torch.testing.assert_close(one(z, SamplingParams(temperature=2.0)), (z / 2).log_softmax(-1))
+
+
+def test_rows_do_not_depend_on_each_other():
+    """A batch of mixed parameters gives each row exactly what it gets alone."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(6, 300, generator=g) * 4
+    params = [SamplingParams(temperature=0), SamplingParams(top_p=0.8, temperature=0.7), SamplingParams(top_k=5),
+              SamplingParams(min_p=0.1, top_p=0.95), SamplingParams(repetition_penalty=1.3, temperature=1.5),
+              SamplingParams(presence_penalty=0.5, frequency_penalty=0.2)]
+    tokens = [[], [], [], [], [1, 2, 3], []]
+    outputs = [[], [], [], [], [], [7, 7, 9]]
+    banned = [[0], [], [], [2], [], []]
+    batch = process_logits(z, params, tokens, outputs, banned)
+    for i in range(6):
+        assert torch.equal(batch[i], process_logits(z[i:i + 1], [params[i]], [tokens[i]], [outputs[i]],
+                                                    [banned[i]])[0])
+    gens = [torch.Generator().manual_seed(s) for s in range(6)]
+    drawn = sample(batch, gens)
+    again = [sample(batch[i:i + 1], [torch.Generator().manual_seed(i)])[0] for i in range(6)]
+    assert drawn == again
+
+
+def test_top_p_torch_bisection_matches_native():
+    z = torch.randn(4, 3000, generator=torch.Generator().manual_seed(4)) * 3
+    top_p = torch.tensor([0.1, 0.5, 0.9, 0.99])
+    native = _top_p(z, top_p)                  # float32 on CPU: the native bisection
+    plain = _top_p(z.double(), top_p)          # any other dtype or device: the torch one
+    probs = z.softmax(-1)
+    for i, p in enumerate(top_p.tolist()):
+        sorted_p, order = probs[i].sort(descending=True)
+        expected = set(order[(sorted_p.cumsum(0) - sorted_p) < p].tolist())
+        assert set(torch.isfinite(native[i]).nonzero().squeeze(1).tolist()) == expected
+        assert set(torch.isfinite(plain[i]).nonzero().squeeze(1).tolist()) == expected
 
 
 @pytest.mark.parametrize("bad,match", [(dict(n=0), "n must"), (dict(temperature=-1), "temperature"),
