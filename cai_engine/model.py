@@ -28,7 +28,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        if x.dtype == torch.float32:  # one fused op; the same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        h = x.float()  # low precision: normalise in fp32, round, then scale (as HF does)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -52,16 +54,16 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = roll(x, D/2) * [-sin_lo, sin_hi]."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
 @dataclass(slots=True)
 class AttentionInputs:
     """Per-forward attention context shared by every layer."""
     cos: torch.Tensor                     # [B, T, head_dim]
-    sin: torch.Tensor
+    sin: torch.Tensor                     # sin with its first half negated (see apply_rope)
     mask: torch.Tensor | None = None      # bool [B, 1, T, S], True = attend; None = plain causal
     varlen: tuple | None = None           # (token index, cu_seqlens, max_len) for flash-attn
     cache: "KVCache | None" = None
@@ -104,8 +106,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = ctx.cos.unsqueeze(1), ctx.sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.paged is not None:
             return self.o_proj(self._paged(q, k, v, ctx.paged).reshape(B, T, -1))
         if ctx.cache is not None:
@@ -232,7 +233,10 @@ class Transformer(nn.Module):
     def _attention_inputs(self, x, position_ids, attention_mask, segment_ids, attn_mask, cache) -> AttentionInputs:
         freqs = position_ids.float().unsqueeze(-1) * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        ctx = AttentionInputs(cos=emb.cos().to(x.dtype), sin=emb.sin().to(x.dtype), cache=cache)
+        half = freqs.shape[-1]
+        sin = emb.sin()
+        sin[..., :half] *= -1  # signed for apply_rope
+        ctx = AttentionInputs(cos=emb.cos().to(x.dtype), sin=sin.to(x.dtype), cache=cache)
         B, T = position_ids.shape
         if cache is None and attention_mask is None and segment_ids is None and attn_mask is None and T == 1:
             return ctx

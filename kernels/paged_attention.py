@@ -68,14 +68,16 @@ def _merge_splits_kernel(part_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, n_splits, str
     m = tl.load(m_ptr + seq * stride_mb + head * stride_mh + sp, mask=sp_mask, other=float("-inf"))
     l = tl.load(l_ptr + seq * stride_mb + head * stride_mh + sp, mask=sp_mask, other=0.0)
     m_all = tl.max(m, 0)
+    m_all = tl.where(m_all > float("-inf"), m_all, 0.0)  # no keys at all: keep exp() finite
     w = tl.where(l > 0, tl.exp(m - m_all), 0.0)
     part = tl.load(part_ptr + seq * stride_pb + head * stride_ph + sp[:, None] * stride_ps + d[None, :],
                    mask=sp_mask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
     total = tl.sum(l * w, 0)
     # no keys at all (every block skipped): an empty partial, weight 0 when merged with another
-    out = tl.where(total > 0, tl.sum(part * w[:, None], 0) / total, 0.0)
+    safe = tl.where(total > 0, total, 1.0)
+    out = tl.sum(part * w[:, None], 0) / safe
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
-    tl.store(lse_ptr + seq * stride_lb + head, tl.where(total > 0, m_all + tl.log(total), float("-inf")))
+    tl.store(lse_ptr + seq * stride_lb + head, tl.where(total > 0, m_all + tl.log(safe), float("-inf")))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
