@@ -157,40 +157,57 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Attention of each sequence's newest `query_lens[b]` tokens over its whole cached context.
 
     q [sum(query_lens), H, D] (sequences concatenated); returns the same shape. Decoding sequences (one
-    new token) go through the paged decode kernels, with the blocks they all share scored once for the
-    whole batch (cascade); prefill chunks gather their blocks and run SDPA, causal within the new tokens.
-    `plan` caches the step's metadata across layers.
+    new token) go through the paged decode kernels, and each group of them that shares its first blocks
+    (a few-shot prefix, n samples of a prompt) has those blocks scored once for the whole group (cascade);
+    prefill chunks gather their blocks and run SDPA, causal within the new tokens. `plan` caches the
+    step's metadata across layers.
     """
     scale = scale if scale is not None else q.shape[2] ** -0.5
     plan = {} if plan is None else plan
-    if "decode" not in plan:
-        rows = [b for b, n in enumerate(query_lens) if n == 1]
-        plan["decode"] = rows
-        plan["all_decode"] = len(rows) == len(query_lens)
-        if rows and not plan["all_decode"]:
-            plan["decode_q"] = torch.tensor([sum(query_lens[:b]) for b in rows], device=q.device)
-            plan["decode_rows"] = torch.tensor(rows, device=q.device)
-        if len(rows) > 1:
-            idx = plan.get("decode_rows")
-            tables, lens = (block_tables, context_lens) if idx is None else (block_tables[idx], context_lens[idx])
-            shared = common_prefix_blocks(tables, lens, k_cache.shape[1])
-            plan["shared"] = shared if shared >= MIN_SHARED_BLOCKS else 0
-    if plan["all_decode"]:
-        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                shared_blocks=plan.get("shared", 0))[0]
+    if "groups" not in plan:
+        plan["groups"] = _decode_groups(block_tables, context_lens, query_lens, k_cache.shape[1], q.device)
+    groups = plan["groups"]
+    if len(groups) == 1 and groups[0][0] is None:  # every sequence decodes, as one group
+        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, shared_blocks=groups[0][2])[0]
     out = torch.empty_like(q)
-    if plan["decode"]:
-        idx = plan["decode_rows"]
-        out[plan["decode_q"]] = decode_attention(q[plan["decode_q"]], k_cache, v_cache, block_tables[idx],
-                                                 context_lens[idx], scale, shared_blocks=plan.get("shared", 0))[0]
-    lens = context_lens.tolist()
+    for rows, q_index, shared in groups:
+        out[q_index] = decode_attention(q[q_index], k_cache, v_cache, block_tables[rows], context_lens[rows], scale,
+                                        shared_blocks=shared)[0]
     start = 0
-    for b, (n_q, n_ctx) in enumerate(zip(query_lens, lens)):
+    for b, (n_q, n_ctx) in enumerate(zip(query_lens, context_lens.tolist())):
         if n_q > 1:
             out[start:start + n_q] = _prefill_attention(q[start:start + n_q], k_cache, v_cache, block_tables[b],
                                                         n_ctx, scale)
         start += n_q
     return out
+
+
+def _decode_groups(block_tables, context_lens, query_lens: list[int], block_size: int, device) -> list[tuple]:
+    """The decoding sequences as (rows, their query indices, shared blocks) groups: sequences starting with
+    the same physical block that share at least MIN_SHARED_BLOCKS blocks form a cascade group; the rest
+    go together with none shared. (None, None, shared) when one group holds every sequence of the step."""
+    starts = [0]
+    for n in query_lens[:-1]:
+        starts.append(starts[-1] + n)
+    rows = [b for b, n in enumerate(query_lens) if n == 1]
+    by_first: dict[int, list[int]] = {}
+    for b, first in zip(rows, block_tables[rows, 0].tolist() if rows else []):
+        by_first.setdefault(first, []).append(b)
+    groups, alone = [], []
+    for members in by_first.values():
+        if len(members) > 1:
+            idx = torch.tensor(members, device=block_tables.device)
+            shared = common_prefix_blocks(block_tables[idx], context_lens[idx], block_size)
+            if shared >= MIN_SHARED_BLOCKS:
+                groups.append((members, shared))
+                continue
+        alone += members
+    if alone:
+        groups.append((alone, 0))
+    if len(groups) == 1 and len(groups[0][0]) == len(query_lens):
+        return [(None, None, groups[0][1])]
+    return [(torch.tensor(m, device=block_tables.device), torch.tensor([starts[b] for b in m], device=device), shared)
+            for m, shared in groups]
 
 
 def _prefill_attention(q: torch.Tensor, k_cache, v_cache, block_table, n_ctx: int, scale: float) -> torch.Tensor:

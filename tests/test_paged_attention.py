@@ -206,3 +206,46 @@ def test_decode_with_a_skipped_and_a_shared_range(backend, monkeypatch):
     for b in range(3):
         ref = dense_attention(q[b:b + 1], keys[b][bs:], values[b][bs:], 0.25)
         torch.testing.assert_close(out[b:b + 1].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_two_prefix_groups_a_loner_and_a_prefill_in_one_step(backend, monkeypatch):
+    """Decoding sequences grouped by the prefix they share (each group a cascade), one that shares
+    nothing, and a prefill chunk, all in one step: each equals dense attention over its own context."""
+    from cai_engine.kv_cache import _decode_groups
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
+    g = torch.Generator().manual_seed(10)
+    bs, n_kv, D, H = 4, 2, 16, 6
+    cfg = ModelConfig(num_hidden_layers=1, num_attention_heads=H, num_key_value_heads=n_kv, hidden_size=H * D)
+    cache = PagedKVCache(cfg, 96, bs, torch.float32, "cpu")
+    bm = BlockManager(96, bs, prefix_caching=True)
+    a, b = list(range(100, 121)), list(range(200, 218))           # 5 and 4 full blocks
+    prompts = [a + [1], b + [2, 3], a + [4, 5, 6], list(range(300, 311)), b + [7], a + list(range(8, 15))]
+    query_lens = [1, 1, 1, 1, 1, 6]
+    keys, values = [], []
+    for s_, toks in enumerate(prompts):
+        cached = bm.allocate(s_, toks)
+        k = torch.randn(len(toks), n_kv, D, generator=g)
+        v = torch.randn(len(toks), n_kv, D, generator=g)
+        donor = next((i for i in range(s_) if prompts[i][:cached] == toks[:cached]), None) if cached else None
+        if donor is not None:
+            k[:cached], v[:cached] = keys[donor][:cached], values[donor][:cached]
+        slots = torch.tensor([bm.slot(s_, p) for p in range(cached, len(toks))])
+        cache.store(0, slots, k[cached:], v[cached:])
+        bm.mark_computed(s_, len(toks))
+        keys.append(k)
+        values.append(v)
+    width = max(len(bm.block_table(s_)) for s_ in range(len(prompts)))
+    tables = torch.zeros(len(prompts), width, dtype=torch.int32)
+    for s_ in range(len(prompts)):
+        tables[s_, : len(bm.block_table(s_))] = torch.tensor(bm.block_table(s_))
+    lens = torch.tensor([len(p) for p in prompts])
+    groups = _decode_groups(tables, lens, query_lens, bs, "cpu")
+    assert sorted((r.tolist(), n) for r, _, n in groups) == [([0, 2], 5), ([1, 4], 4), ([3], 0)]
+    q = torch.randn(sum(query_lens), H, D, generator=g)
+    got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
+    start = 0
+    for s_, n in enumerate(query_lens):
+        ref = dense_attention(q[start:start + n], keys[s_], values[s_], D ** -0.5)
+        torch.testing.assert_close(got[start:start + n].double(), ref, atol=1e-5, rtol=1e-5)
+        start += n
