@@ -56,6 +56,20 @@ def hf_generate(hf, prompts, kw, device):
                     min_new_tokens=kw["max_tokens"], pad_token_id=0, **extra)
 
 
+def gemm_floor(model, batch: int, device, repeats: int = 5) -> float:
+    """Seconds per decode step spent in the weight GEMMs alone (every projection and the LM head, no
+    attention, no overhead): what any engine running these fp32 weights at this batch size must pay."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=device, dtype=w.dtype) for w in weights}
+
+    def step():
+        with torch.no_grad():
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    return median_times({"floor": step}, repeats, device)["floor"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gpu", action="store_true")
@@ -93,6 +107,10 @@ def main() -> None:
         peer = f"{new_tokens / times['peer']:.1f}" if "peer" in times else "-"
         speed = f"{times['peer'] / times['ours']:.2f}x" if "peer" in times else "-"
         print(f"| {name} | {new_tokens} | {ours_tps:.1f} | {peer} | {speed} |", flush=True)
+    for batch in (1, 32):
+        t = gemm_floor(model, batch, device)
+        print(f"\ndecode-step GEMM floor at batch {batch}: {t * 1e3:.1f} ms (at most {batch / t:.1f} tok/s from "
+              f"decode alone, whatever the engine)", end="")
     print(f"\nprefix-cache hit tokens {llm.blocks.hit_tokens} of {llm.blocks.queried_tokens} queried; "
           f"preemptions {llm.preemptions}")
 

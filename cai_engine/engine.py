@@ -67,6 +67,8 @@ class LLM:
         self.cache = PagedKVCache(model.config, blocks, block_size, model.dtype, model.device)
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         self.max_len = model.config.max_position_embeddings
+        if model.config.sliding_window:  # the paged kernels attend the whole context: exact within the window
+            self.max_len = min(self.max_len, model.config.sliding_window)
         self.eos = {tokenizer.eos_id} - {None}
         self._ids = itertools.count()
         self._weights_version = None
@@ -100,7 +102,8 @@ class LLM:
                 if not ids:
                     raise ValueError("prompt is empty")
                 if len(ids) >= self.max_len:
-                    raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_len}")
+                    raise ValueError(f"prompt has {len(ids)} tokens; the engine's context is {self.max_len}"
+                                     + (" (the model's sliding window)" if self.model.config.sliding_window else ""))
                 if -(-len(ids) // self.blocks.block_size) > self.blocks.num_blocks:
                     raise ValueError("prompt does not fit in the KV cache")
                 results.append(RequestOutput(ids, [Completion() for _ in range(p.n)]))
@@ -220,8 +223,8 @@ class LLM:
             t = self.blocks.block_table(seq.id)
             tables[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
         dev = self.model.device
-        batch = PagedBatch(self.cache, torch.tensor(slots, device=dev), tables.to(dev), torch.tensor(lens, device=dev),
-                           [n for _, n in work])
+        batch = PagedBatch(self.cache, torch.tensor(slots, device=dev), tables.to(dev),
+                           torch.tensor(lens, dtype=torch.int32, device=dev), [n for _, n in work])
         hidden = self.model(torch.tensor([ids], device=dev), position_ids=torch.tensor([pos], device=dev),
                             paged=batch)[0]
         ends = torch.tensor([n for _, n in work], device=dev).cumsum(0) - 1

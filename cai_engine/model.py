@@ -101,14 +101,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: AttentionInputs) -> torch.Tensor:
+        if ctx.paged is not None:
+            return self._paged(x, ctx)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = ctx.cos.unsqueeze(1), ctx.sin.unsqueeze(1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if ctx.paged is not None:
-            return self.o_proj(self._paged(q, k, v, ctx.paged).reshape(B, T, -1))
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
         if ctx.varlen is not None:
@@ -118,11 +118,17 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _paged(self, q, k, v, paged) -> torch.Tensor:
-        q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [T, heads, D]: sequences are flattened
+    def _paged(self, x: torch.Tensor, ctx: AttentionInputs) -> torch.Tensor:
+        """x [1, T, d]: the new tokens of every sequence in the step, flattened; heads stay [T, heads, D]."""
+        T, paged = x.shape[1], ctx.paged
+        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(T, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         paged.cache.store(self.layer, paged.slots, k, v)
-        return paged_attention(q, paged.cache.k[self.layer], paged.cache.v[self.layer], paged.block_tables,
-                               paged.context_lens, paged.query_lens, plan=paged.plan)
+        out = paged_attention(q, paged.cache.k[self.layer], paged.cache.v[self.layer], paged.block_tables,
+                              paged.context_lens, paged.query_lens, plan=paged.plan)
+        return self.o_proj(out.view(1, T, -1))
 
     @staticmethod
     def _flash_varlen(q, k, v, varlen) -> torch.Tensor:
@@ -213,7 +219,8 @@ class Transformer(nn.Module):
             position_ids = position_ids.unsqueeze(0).expand(B, T)
         x = self.embed_tokens(input_ids)
         ctx = self._attention_inputs(x, position_ids, attention_mask, segment_ids, attn_mask, cache)
-        ctx.paged = paged
+        if paged is not None:  # heads are laid out [T, heads, D] there: rotations [T, 1, D]
+            ctx.paged, ctx.cos, ctx.sin = paged, ctx.cos[0, :, None], ctx.sin[0, :, None]
         for layer in self.layers:
             x = layer(x, ctx)
         if cache is not None:

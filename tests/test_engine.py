@@ -116,3 +116,14 @@ def test_chat_prompts_and_weight_updates_invalidate_the_prefix_cache():
             p.mul_(1.5)                                  # stands in for an optimizer step
     b = llm.generate([chat], GREEDY)[0]
     assert b.outputs[0].token_ids == reference_greedy(model, a.prompt_token_ids, 8)
+
+
+def test_sliding_window_caps_the_context_and_is_exact_within_it():
+    _, model = hf_and_ours("mistral", False, seed=3, max_position_embeddings=256, sliding_window=24)
+    llm = LLM(model, tiny_tokenizer(), kv_cache_bytes=1 << 20, block_size=4)
+    prompt = list(range(10, 26))
+    outs = llm.generate([prompt, list(range(30))], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    assert "context is 24 (the model's sliding window)" in outs[1].error
+    out = outs[0].outputs[0]
+    assert out.finish_reason == "length" and len(prompt) + len(out.token_ids) == 24
+    assert out.token_ids == reference_greedy(model, prompt, len(out.token_ids))

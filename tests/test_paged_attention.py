@@ -134,43 +134,53 @@ def test_copy_blocks():
     assert torch.equal(cache.k[0][30], cache.k[0][src]) and torch.equal(cache.v[0][30], cache.v[0][src])
 
 
+def prefix_cached_batch(prompts, g, bs=4, n_kv=2, D=16, H=6):
+    """A paged cache holding every prompt's KV, with prefix caching on: sequences that start alike share
+    the physical blocks (and so the KV) of the first one that computed them."""
+    cfg = ModelConfig(num_hidden_layers=1, num_attention_heads=H, num_key_value_heads=n_kv, hidden_size=H * D)
+    cache = PagedKVCache(cfg, 96, bs, torch.float32, "cpu")
+    bm = BlockManager(96, bs, prefix_caching=True)
+    keys, values = [], []
+    for s, toks in enumerate(prompts):
+        cached = bm.allocate(s, toks)
+        k = torch.randn(len(toks), n_kv, D, generator=g)
+        v = torch.randn(len(toks), n_kv, D, generator=g)
+        donor = next((i for i in range(s) if prompts[i][:cached] == toks[:cached]), None) if cached else None
+        if donor is not None:
+            k[:cached], v[:cached] = keys[donor][:cached], values[donor][:cached]
+        slots = torch.tensor([bm.slot(s, p) for p in range(cached, len(toks))])
+        cache.store(0, slots, k[cached:], v[cached:])
+        bm.mark_computed(s, len(toks))
+        keys.append(k)
+        values.append(v)
+    width = max(len(bm.block_table(s)) for s in range(len(prompts)))
+    tables = torch.zeros(len(prompts), width, dtype=torch.int32)
+    for s in range(len(prompts)):
+        tables[s, : len(bm.block_table(s))] = torch.tensor(bm.block_table(s))
+    return cache, tables, torch.tensor([len(p) for p in prompts]), keys, values
+
+
+def assert_dense(got, q, query_lens, keys, values, scale):
+    start = 0
+    for s, n in enumerate(query_lens):
+        ref = dense_attention(q[start:start + n], keys[s], values[s], scale)
+        torch.testing.assert_close(got[start:start + n].double(), ref, atol=1e-5, rtol=1e-5)
+        start += n
+
+
 @pytest.mark.parametrize("backend", ["torch", "native", "triton"])
 def test_cascade_attention_over_a_shared_prefix_matches_dense(backend, monkeypatch):
     from cai_engine.kv_cache import common_prefix_blocks
     monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
     g = torch.Generator().manual_seed(5)
-    bs, n_kv, D, H = 4, 2, 16, 6
-    cfg = ModelConfig(num_hidden_layers=1, num_attention_heads=H, num_key_value_heads=n_kv, hidden_size=H * D)
-    cache = PagedKVCache(cfg, 64, bs, torch.float32, "cpu")
-    bm = BlockManager(64, bs, prefix_caching=True)
     prefix = list(range(100, 122))                      # 22 tokens: 5 full blocks shared
-    suffixes = [[1, 2, 3], [4], list(range(7, 19))]
-    keys, values = {}, {}
-    for s, suf in enumerate(suffixes):
-        toks = prefix + suf
-        cached = bm.allocate(s, toks)
-        k = torch.randn(len(toks), n_kv, D, generator=g)
-        v = torch.randn(len(toks), n_kv, D, generator=g)
-        if cached:  # the shared blocks hold the first sequence's prefix KV
-            k[:cached], v[:cached] = keys[0][:cached], values[0][:cached]
-        slots = torch.tensor([bm.slot(s, p) for p in range(cached, len(toks))])
-        cache.store(0, slots, k[cached:], v[cached:])
-        bm.mark_computed(s, len(toks))
-        keys[s], values[s] = k, v
-    width = max(len(bm.block_table(s)) for s in range(3))
-    tables = torch.zeros(3, width, dtype=torch.int32)
-    for s in range(3):
-        tables[s, : len(bm.block_table(s))] = torch.tensor(bm.block_table(s))
-    lens = torch.tensor([len(prefix) + len(x) for x in suffixes])
-    assert common_prefix_blocks(tables, lens, bs) == 5
+    prompts = [prefix + suffix for suffix in ([1, 2, 3], [4], list(range(7, 19)))]
+    cache, tables, lens, keys, values = prefix_cached_batch(prompts, g)
+    assert common_prefix_blocks(tables, lens, 4) == 5
     for query_lens in ([1, 1, 1], [1, 1, 5], [3, 1, 12], [2, 1, 1]):
-        q = torch.randn(sum(query_lens), H, D, generator=g)
+        q = torch.randn(sum(query_lens), 6, 16, generator=g)
         got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
-        start = 0
-        for s, n in enumerate(query_lens):
-            ref = dense_attention(q[start:start + n], keys[s], values[s], D ** -0.5)
-            torch.testing.assert_close(got[start:start + n].double(), ref, atol=1e-5, rtol=1e-5)
-            start += n
+        assert_dense(got, q, query_lens, keys, values, 0.25)
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
@@ -215,37 +225,12 @@ def test_two_prefix_groups_a_loner_and_a_prefill_in_one_step(backend, monkeypatc
     from cai_engine.kv_cache import _decode_groups
     monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
     g = torch.Generator().manual_seed(10)
-    bs, n_kv, D, H = 4, 2, 16, 6
-    cfg = ModelConfig(num_hidden_layers=1, num_attention_heads=H, num_key_value_heads=n_kv, hidden_size=H * D)
-    cache = PagedKVCache(cfg, 96, bs, torch.float32, "cpu")
-    bm = BlockManager(96, bs, prefix_caching=True)
     a, b = list(range(100, 121)), list(range(200, 218))           # 5 and 4 full blocks
     prompts = [a + [1], b + [2, 3], a + [4, 5, 6], list(range(300, 311)), b + [7], a + list(range(8, 15))]
     query_lens = [1, 1, 1, 1, 1, 6]
-    keys, values = [], []
-    for s_, toks in enumerate(prompts):
-        cached = bm.allocate(s_, toks)
-        k = torch.randn(len(toks), n_kv, D, generator=g)
-        v = torch.randn(len(toks), n_kv, D, generator=g)
-        donor = next((i for i in range(s_) if prompts[i][:cached] == toks[:cached]), None) if cached else None
-        if donor is not None:
-            k[:cached], v[:cached] = keys[donor][:cached], values[donor][:cached]
-        slots = torch.tensor([bm.slot(s_, p) for p in range(cached, len(toks))])
-        cache.store(0, slots, k[cached:], v[cached:])
-        bm.mark_computed(s_, len(toks))
-        keys.append(k)
-        values.append(v)
-    width = max(len(bm.block_table(s_)) for s_ in range(len(prompts)))
-    tables = torch.zeros(len(prompts), width, dtype=torch.int32)
-    for s_ in range(len(prompts)):
-        tables[s_, : len(bm.block_table(s_))] = torch.tensor(bm.block_table(s_))
-    lens = torch.tensor([len(p) for p in prompts])
-    groups = _decode_groups(tables, lens, query_lens, bs, "cpu")
+    cache, tables, lens, keys, values = prefix_cached_batch(prompts, g)
+    groups = _decode_groups(tables, lens, query_lens, 4, "cpu")
     assert sorted((r.tolist(), n) for r, _, n in groups) == [([0, 2], 5), ([1, 4], 4), ([3], 0)]
-    q = torch.randn(sum(query_lens), H, D, generator=g)
+    q = torch.randn(sum(query_lens), 6, 16, generator=g)
     got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
-    start = 0
-    for s_, n in enumerate(query_lens):
-        ref = dense_attention(q[start:start + n], keys[s_], values[s_], D ** -0.5)
-        torch.testing.assert_close(got[start:start + n].double(), ref, atol=1e-5, rtol=1e-5)
-        start += n
+    assert_dense(got, q, query_lens, keys, values, 0.25)
