@@ -173,13 +173,76 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for rows, q_index, shared in groups:
         out[q_index] = decode_attention(q[q_index], k_cache, v_cache, block_tables[rows], context_lens[rows], scale,
                                         shared_blocks=shared)[0]
-    start = 0
-    for b, (n_q, n_ctx) in enumerate(zip(query_lens, context_lens.tolist())):
-        if n_q > 1:
-            out[start:start + n_q] = _prefill_attention(q[start:start + n_q], k_cache, v_cache, block_tables[b],
-                                                        n_ctx, scale)
-        start += n_q
+    if "prefill_groups" not in plan:
+        plan["prefill_groups"] = _prefill_groups(block_tables, context_lens, query_lens, k_cache.shape[1])
+    lens, starts = context_lens.tolist(), [0]
+    for n in query_lens[:-1]:
+        starts.append(starts[-1] + n)
+    for members, shared in plan["prefill_groups"]:
+        if shared:
+            _cascade_prefill(q, out, k_cache, v_cache, block_tables, members, shared,
+                             [(starts[b], query_lens[b], lens[b]) for b in members], scale)
+        else:
+            b = members[0]
+            out[starts[b]:starts[b] + query_lens[b]] = _prefill_attention(
+                q[starts[b]:starts[b] + query_lens[b]], k_cache, v_cache, block_tables[b], lens[b], scale)
     return out
+
+
+def _prefill_groups(block_tables, context_lens, query_lens: list[int], block_size: int) -> list[tuple]:
+    """Prefill chunks as (rows, shared blocks): chunks that all start past the same shared blocks (the
+    conversations after a cached few-shot prefix) form a cascade group; any other chunk stands alone."""
+    lens = context_lens.tolist()
+    rows = [b for b, n in enumerate(query_lens) if n > 1]
+    by_first: dict[int, list[int]] = {}
+    for b, first in zip(rows, block_tables[rows, 0].tolist() if rows else []):
+        by_first.setdefault(first, []).append(b)
+    groups = []
+    for members in by_first.values():
+        shared = 0
+        if len(members) > 1:
+            idx = torch.tensor(members, device=block_tables.device)
+            shared = common_prefix_blocks(block_tables[idx], context_lens[idx], block_size)
+            past = [b for b in members if lens[b] - query_lens[b] >= shared * block_size]
+            if shared >= MIN_SHARED_BLOCKS and len(past) > 1:
+                groups.append((past, shared))
+                members = [b for b in members if b not in past]
+        groups += [([b], 0) for b in members]
+    return groups
+
+
+PREFIX_ROWS_PER_GEMM = 256  # query rows scored against the shared prefix at once: bounds the score buffer
+
+
+def _cascade_prefill(q, out, k_cache, v_cache, block_tables, members, shared, spans, scale) -> None:
+    """Prefill chunks that all start past `shared` blocks they share: every chunk's queries meet the
+    prefix keys in batched GEMMs (the prefix is read once, not once per chunk), each chunk its own later
+    keys causally; the partials merge through their log-sum-exps."""
+    bs = k_cache.shape[1]
+    index = torch.cat([torch.arange(start, start + n, device=q.device) for start, n, _ in spans])
+    prefix = block_tables[members[0], :shared].long()
+    parts = [_prefix_partial(q[index[i:i + PREFIX_ROWS_PER_GEMM]], k_cache, v_cache, prefix, scale)
+             for i in range(0, len(index), PREFIX_ROWS_PER_GEMM)]
+    o_pre, lse_pre = torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+    row = 0
+    for b, (start, n_q, n_ctx) in zip(members, spans):
+        o_own, lse_own = _own_partial(q[start:start + n_q], k_cache, v_cache, block_tables[b], shared * bs, n_ctx,
+                                      scale)
+        out[start:start + n_q] = merge_partials(o_pre[row:row + n_q], lse_pre[row:row + n_q], o_own, lse_own)
+        row += n_q
+
+
+def _own_partial(q, k_cache, v_cache, block_table, first: int, n_ctx: int, scale: float):
+    """The last n_q = len(q) tokens of a sequence over its keys [first, n_ctx), causal: (out, lse)."""
+    n_q, (H, D), n_kv = q.shape[0], q.shape[1:], k_cache.shape[2]
+    k = gather_kv(k_cache, block_table, n_ctx)[first:].to(q.dtype)                 # [L, n_kv, D]
+    v = gather_kv(v_cache, block_table, n_ctx)[first:].to(q.dtype)
+    qg = (q * scale).view(n_q, n_kv, H // n_kv, D).permute(1, 2, 0, 3)           # [n_kv, G, n_q, D]
+    s = qg @ k.permute(1, 2, 0).unsqueeze(1)                                      # [n_kv, G, n_q, L]
+    hide = torch.ones(n_q, n_ctx - first, dtype=torch.bool, device=q.device).triu(n_ctx - first - n_q + 1)
+    s.masked_fill_(hide, float("-inf"))
+    o, lse = _partial(s, v.transpose(0, 1).unsqueeze(1))                          # [n_kv, G, n_q, D]
+    return o.permute(2, 0, 1, 3).reshape(n_q, H, D), lse.permute(2, 0, 1).reshape(n_q, H)
 
 
 def _decode_groups(block_tables, context_lens, query_lens: list[int], block_size: int, device) -> list[tuple]:

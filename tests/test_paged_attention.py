@@ -234,3 +234,21 @@ def test_two_prefix_groups_a_loner_and_a_prefill_in_one_step(backend, monkeypatc
     q = torch.randn(sum(query_lens), 6, 16, generator=g)
     got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
     assert_dense(got, q, query_lens, keys, values, 0.25)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_prefill_chunks_past_a_shared_prefix_form_a_cascade(backend, monkeypatch):
+    """Chunks that start after blocks they share score those keys in batched GEMMs (here split into
+    several row blocks); a chunk that starts inside the shared blocks is computed on its own."""
+    import cai_engine.kv_cache as kv
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
+    monkeypatch.setattr(kv, "PREFIX_ROWS_PER_GEMM", 4)
+    g = torch.Generator().manual_seed(11)
+    prefix = list(range(100, 122))                      # 5 full blocks
+    prompts = [prefix + list(range(1, 4)), prefix + [4], prefix + list(range(7, 19)), prefix + list(range(30, 40))]
+    cache, tables, lens, keys, values = prefix_cached_batch(prompts, g)
+    for query_lens, groups in (([3, 1, 12, 10], [([0, 2, 3], 5)]), ([3, 1, 16, 2], [([0, 3], 5), ([2], 0)])):
+        assert kv._prefill_groups(tables, lens, query_lens, 4) == groups
+        q = torch.randn(sum(query_lens), 6, 16, generator=g)
+        got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
+        assert_dense(got, q, query_lens, keys, values, 0.25)
