@@ -185,12 +185,14 @@ class LLM:
         now would recompute them (and its copies would not be shared by the batch's cascade attention)."""
         if not self.prefix_caching:
             return False
-        bs = self.blocks.block_size
+        bs, tokens = self.blocks.block_size, seq.tokens
         for other in running:
-            if other.computed >= len(other.tokens) or other.tokens[:bs] != seq.tokens[:bs]:
+            if other.computed >= len(other.prompt) + len(other.out.token_ids):
+                continue  # prefill done: its blocks are in the prefix cache already
+            theirs = other.tokens
+            if theirs[:bs] != tokens[:bs]:
                 continue
-            shared = next((i for i, (a, b) in enumerate(zip(seq.tokens, other.tokens)) if a != b),
-                          min(len(seq.tokens), len(other.tokens)))
+            shared = next((i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b), min(len(tokens), len(theirs)))
             if shared // bs > other.computed // bs:
                 return True
         return False
@@ -210,18 +212,16 @@ class LLM:
             raise RuntimeError("the KV cache cannot hold even one sequence; raise kv_cache_bytes")
         ids, pos, slots, lens = [], [], [], []
         bs = self.blocks.block_size
-        for seq, n in work:
+        block_tables = [self.blocks.block_table(seq.id) for seq, _ in work]
+        for (seq, n), table in zip(work, block_tables):
             start = seq.computed
             ids += seq.tokens[start:start + n]
             pos += range(start, start + n)
-            table = self.blocks.block_table(seq.id)
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             lens.append(start + n)
-        width = max(len(self.blocks.block_table(s.id)) for s, _ in work)
-        tables = torch.zeros(len(work), width, dtype=torch.int32)
-        for b, (seq, _) in enumerate(work):
-            t = self.blocks.block_table(seq.id)
-            tables[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        tables = torch.zeros(len(work), max(map(len, block_tables)), dtype=torch.int32)
+        for b, table in enumerate(block_tables):
+            tables[b, : len(table)] = torch.tensor(table, dtype=torch.int32)
         dev = self.model.device
         batch = PagedBatch(self.cache, torch.tensor(slots, device=dev), tables.to(dev),
                            torch.tensor(lens, dtype=torch.int32, device=dev), [n for _, n in work])

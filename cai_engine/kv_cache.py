@@ -159,41 +159,70 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q [sum(query_lens), H, D] (sequences concatenated); returns the same shape. Decoding sequences (one
     new token) go through the paged decode kernels, and each group of them that shares its first blocks
     (a few-shot prefix, n samples of a prompt) has those blocks scored once for the whole group (cascade);
-    prefill chunks gather their blocks and run SDPA, causal within the new tokens. `plan` caches the
-    step's metadata across layers.
+    prefill chunks gather their blocks and run SDPA, causal within the new tokens, and chunks that all
+    start past blocks they share score those once too. `plan` caches the step's metadata across layers.
     """
     scale = scale if scale is not None else q.shape[2] ** -0.5
     plan = {} if plan is None else plan
-    if "groups" not in plan:
-        plan["groups"] = _decode_groups(block_tables, context_lens, query_lens, k_cache.shape[1], q.device)
-    groups = plan["groups"]
-    if len(groups) == 1 and groups[0][0] is None:  # every sequence decodes, as one group
-        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, shared_blocks=groups[0][2])[0]
+    if not plan:
+        plan.update(_step_plan(block_tables, context_lens, query_lens, k_cache.shape[1], q.device))
+    if plan["all_decode"]:
+        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                shared_blocks=plan["decode"][0][2])[0]
     out = torch.empty_like(q)
-    for rows, q_index, shared in groups:
+    for rows, q_index, shared in plan["decode"]:
         out[q_index] = decode_attention(q[q_index], k_cache, v_cache, block_tables[rows], context_lens[rows], scale,
                                         shared_blocks=shared)[0]
-    if "prefill_groups" not in plan:
-        plan["prefill_groups"] = _prefill_groups(block_tables, context_lens, query_lens, k_cache.shape[1])
-    lens, starts = context_lens.tolist(), [0]
-    for n in query_lens[:-1]:
-        starts.append(starts[-1] + n)
-    for members, shared in plan["prefill_groups"]:
+    for members, shared, spans in plan["prefill"]:
         if shared:
-            _cascade_prefill(q, out, k_cache, v_cache, block_tables, members, shared,
-                             [(starts[b], query_lens[b], lens[b]) for b in members], scale)
+            _cascade_prefill(q, out, k_cache, v_cache, block_tables[members[0], :shared].long(), spans,
+                             [block_tables[b] for b in members], shared * k_cache.shape[1], scale)
         else:
-            b = members[0]
-            out[starts[b]:starts[b] + query_lens[b]] = _prefill_attention(
-                q[starts[b]:starts[b] + query_lens[b]], k_cache, v_cache, block_tables[b], lens[b], scale)
+            (start, n_q, n_ctx), = spans
+            out[start:start + n_q] = _prefill_attention(q[start:start + n_q], k_cache, v_cache,
+                                                        block_tables[members[0]], n_ctx, scale)
     return out
 
 
-def _prefill_groups(block_tables, context_lens, query_lens: list[int], block_size: int) -> list[tuple]:
-    """Prefill chunks as (rows, shared blocks): chunks that all start past the same shared blocks (the
-    conversations after a cached few-shot prefix) form a cascade group; any other chunk stands alone."""
-    lens = context_lens.tolist()
-    rows = [b for b, n in enumerate(query_lens) if n > 1]
+def _step_plan(block_tables, context_lens, query_lens: list[int], block_size: int, device) -> dict:
+    """How a step's sequences are attended, the same for every layer.
+
+    decode: (rows, their query indices, shared blocks): each group of decoding sequences that shares at
+    least MIN_SHARED_BLOCKS leading blocks is a cascade; the rest go together with none shared.
+    prefill: (rows, shared blocks, (query start, query len, context len) per row): chunks that all start
+    past the blocks they share form a cascade; any other chunk stands alone.
+    all_decode: one decode group holds every sequence (no indexing needed).
+    """
+    lens, starts = context_lens.tolist(), [0]
+    for n in query_lens[:-1]:
+        starts.append(starts[-1] + n)
+    decode_rows = [b for b, n in enumerate(query_lens) if n == 1]
+    decode, alone = [], []
+    for members, shared in _by_shared_prefix(decode_rows, block_tables, context_lens, block_size):
+        if shared:
+            decode.append((members, shared))
+        else:
+            alone += members
+    if alone:
+        decode.append((alone, 0))
+    plan = {"all_decode": len(decode) == 1 and len(decode_rows) == len(query_lens)}
+    plan["decode"] = [(torch.tensor(m, device=block_tables.device), torch.tensor([starts[b] for b in m], device=device),
+                       shared) for m, shared in decode]
+    prefill = []
+    for members, shared in _by_shared_prefix([b for b, n in enumerate(query_lens) if n > 1], block_tables,
+                                             context_lens, block_size):
+        past = [b for b in members if lens[b] - query_lens[b] >= shared * block_size] if shared else []
+        if len(past) > 1:
+            prefill.append((past, shared))
+            members = [b for b in members if b not in past]
+        prefill += [([b], 0) for b in members]
+    plan["prefill"] = [(m, shared, [(starts[b], query_lens[b], lens[b]) for b in m]) for m, shared in prefill]
+    return plan
+
+
+def _by_shared_prefix(rows: list[int], block_tables, context_lens, block_size: int) -> list[tuple[list[int], int]]:
+    """`rows` grouped by their first physical block, each group with the leading blocks all its members
+    share, or 0 when that is fewer than MIN_SHARED_BLOCKS (or the group has one member)."""
     by_first: dict[int, list[int]] = {}
     for b, first in zip(rows, block_tables[rows, 0].tolist() if rows else []):
         by_first.setdefault(first, []).append(b)
@@ -203,31 +232,24 @@ def _prefill_groups(block_tables, context_lens, query_lens: list[int], block_siz
         if len(members) > 1:
             idx = torch.tensor(members, device=block_tables.device)
             shared = common_prefix_blocks(block_tables[idx], context_lens[idx], block_size)
-            past = [b for b in members if lens[b] - query_lens[b] >= shared * block_size]
-            if shared >= MIN_SHARED_BLOCKS and len(past) > 1:
-                groups.append((past, shared))
-                members = [b for b in members if b not in past]
-        groups += [([b], 0) for b in members]
+        groups.append((members, shared if shared >= MIN_SHARED_BLOCKS else 0))
     return groups
 
 
 PREFIX_ROWS_PER_GEMM = 256  # query rows scored against the shared prefix at once: bounds the score buffer
 
 
-def _cascade_prefill(q, out, k_cache, v_cache, block_tables, members, shared, spans, scale) -> None:
-    """Prefill chunks that all start past `shared` blocks they share: every chunk's queries meet the
-    prefix keys in batched GEMMs (the prefix is read once, not once per chunk), each chunk its own later
-    keys causally; the partials merge through their log-sum-exps."""
-    bs = k_cache.shape[1]
+def _cascade_prefill(q, out, k_cache, v_cache, prefix, spans, tables, first: int, scale) -> None:
+    """Prefill chunks that all start past the shared blocks `prefix` (tokens [0, first)): every chunk's
+    queries meet the prefix keys in batched GEMMs (the prefix is read once, not once per chunk), each
+    chunk its own later keys causally; the partials merge through their log-sum-exps."""
     index = torch.cat([torch.arange(start, start + n, device=q.device) for start, n, _ in spans])
-    prefix = block_tables[members[0], :shared].long()
     parts = [_prefix_partial(q[index[i:i + PREFIX_ROWS_PER_GEMM]], k_cache, v_cache, prefix, scale)
              for i in range(0, len(index), PREFIX_ROWS_PER_GEMM)]
     o_pre, lse_pre = torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     row = 0
-    for b, (start, n_q, n_ctx) in zip(members, spans):
-        o_own, lse_own = _own_partial(q[start:start + n_q], k_cache, v_cache, block_tables[b], shared * bs, n_ctx,
-                                      scale)
+    for table, (start, n_q, n_ctx) in zip(tables, spans):
+        o_own, lse_own = _own_partial(q[start:start + n_q], k_cache, v_cache, table, first, n_ctx, scale)
         out[start:start + n_q] = merge_partials(o_pre[row:row + n_q], lse_pre[row:row + n_q], o_own, lse_own)
         row += n_q
 
@@ -243,34 +265,6 @@ def _own_partial(q, k_cache, v_cache, block_table, first: int, n_ctx: int, scale
     s.masked_fill_(hide, float("-inf"))
     o, lse = _partial(s, v.transpose(0, 1).unsqueeze(1))                          # [n_kv, G, n_q, D]
     return o.permute(2, 0, 1, 3).reshape(n_q, H, D), lse.permute(2, 0, 1).reshape(n_q, H)
-
-
-def _decode_groups(block_tables, context_lens, query_lens: list[int], block_size: int, device) -> list[tuple]:
-    """The decoding sequences as (rows, their query indices, shared blocks) groups: sequences starting with
-    the same physical block that share at least MIN_SHARED_BLOCKS blocks form a cascade group; the rest
-    go together with none shared. (None, None, shared) when one group holds every sequence of the step."""
-    starts = [0]
-    for n in query_lens[:-1]:
-        starts.append(starts[-1] + n)
-    rows = [b for b, n in enumerate(query_lens) if n == 1]
-    by_first: dict[int, list[int]] = {}
-    for b, first in zip(rows, block_tables[rows, 0].tolist() if rows else []):
-        by_first.setdefault(first, []).append(b)
-    groups, alone = [], []
-    for members in by_first.values():
-        if len(members) > 1:
-            idx = torch.tensor(members, device=block_tables.device)
-            shared = common_prefix_blocks(block_tables[idx], context_lens[idx], block_size)
-            if shared >= MIN_SHARED_BLOCKS:
-                groups.append((members, shared))
-                continue
-        alone += members
-    if alone:
-        groups.append((alone, 0))
-    if len(groups) == 1 and len(groups[0][0]) == len(query_lens):
-        return [(None, None, groups[0][1])]
-    return [(torch.tensor(m, device=block_tables.device), torch.tensor([starts[b] for b in m], device=device), shared)
-            for m, shared in groups]
 
 
 def _prefill_attention(q: torch.Tensor, k_cache, v_cache, block_table, n_ctx: int, scale: float) -> torch.Tensor:

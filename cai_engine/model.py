@@ -218,9 +218,11 @@ class Transformer(nn.Module):
         elif position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0).expand(B, T)
         x = self.embed_tokens(input_ids)
-        ctx = self._attention_inputs(x, position_ids, attention_mask, segment_ids, attn_mask, cache)
-        if paged is not None:  # heads are laid out [T, heads, D] there: rotations [T, 1, D]
-            ctx.paged, ctx.cos, ctx.sin = paged, ctx.cos[0, :, None], ctx.sin[0, :, None]
+        if paged is not None:  # no mask to build; heads are laid out [T, heads, D] there: rotations [T, 1, D]
+            cos, sin = self._rotations(position_ids[0], x.dtype)
+            ctx = AttentionInputs(cos=cos[:, None], sin=sin[:, None], paged=paged)
+        else:
+            ctx = self._attention_inputs(x, position_ids, attention_mask, segment_ids, attn_mask, cache)
         for layer in self.layers:
             x = layer(x, ctx)
         if cache is not None:
@@ -237,13 +239,17 @@ class Transformer(nn.Module):
         """Dense [.., vocab] logits: for tests and small cases only (the fused ops never build them)."""
         return F.linear(self(input_ids, **kwargs), self.lm_head)
 
-    def _attention_inputs(self, x, position_ids, attention_mask, segment_ids, attn_mask, cache) -> AttentionInputs:
+    def _rotations(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos and signed sin (see apply_rope) for every position: [..., head_dim]."""
         freqs = position_ids.float().unsqueeze(-1) * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        half = freqs.shape[-1]
         sin = emb.sin()
-        sin[..., :half] *= -1  # signed for apply_rope
-        ctx = AttentionInputs(cos=emb.cos().to(x.dtype), sin=sin.to(x.dtype), cache=cache)
+        sin[..., :freqs.shape[-1]] *= -1
+        return emb.cos().to(dtype), sin.to(dtype)
+
+    def _attention_inputs(self, x, position_ids, attention_mask, segment_ids, attn_mask, cache) -> AttentionInputs:
+        cos, sin = self._rotations(position_ids, x.dtype)
+        ctx = AttentionInputs(cos=cos, sin=sin, cache=cache)
         B, T = position_ids.shape
         if cache is None and attention_mask is None and segment_ids is None and attn_mask is None and T == 1:
             return ctx

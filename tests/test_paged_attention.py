@@ -222,14 +222,14 @@ def test_decode_with_a_skipped_and_a_shared_range(backend, monkeypatch):
 def test_two_prefix_groups_a_loner_and_a_prefill_in_one_step(backend, monkeypatch):
     """Decoding sequences grouped by the prefix they share (each group a cascade), one that shares
     nothing, and a prefill chunk, all in one step: each equals dense attention over its own context."""
-    from cai_engine.kv_cache import _decode_groups
+    from cai_engine.kv_cache import _step_plan
     monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
     g = torch.Generator().manual_seed(10)
     a, b = list(range(100, 121)), list(range(200, 218))           # 5 and 4 full blocks
     prompts = [a + [1], b + [2, 3], a + [4, 5, 6], list(range(300, 311)), b + [7], a + list(range(8, 15))]
     query_lens = [1, 1, 1, 1, 1, 6]
     cache, tables, lens, keys, values = prefix_cached_batch(prompts, g)
-    groups = _decode_groups(tables, lens, query_lens, 4, "cpu")
+    groups = _step_plan(tables, lens, query_lens, 4, "cpu")["decode"]
     assert sorted((r.tolist(), n) for r, _, n in groups) == [([0, 2], 5), ([1, 4], 4), ([3], 0)]
     q = torch.randn(sum(query_lens), 6, 16, generator=g)
     got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
@@ -248,7 +248,8 @@ def test_prefill_chunks_past_a_shared_prefix_form_a_cascade(backend, monkeypatch
     prompts = [prefix + list(range(1, 4)), prefix + [4], prefix + list(range(7, 19)), prefix + list(range(30, 40))]
     cache, tables, lens, keys, values = prefix_cached_batch(prompts, g)
     for query_lens, groups in (([3, 1, 12, 10], [([0, 2, 3], 5)]), ([3, 1, 16, 2], [([0, 3], 5), ([2], 0)])):
-        assert kv._prefill_groups(tables, lens, query_lens, 4) == groups
+        plan = kv._step_plan(tables, lens, query_lens, 4, "cpu")
+        assert [(rows, shared) for rows, shared, _ in plan["prefill"]] == groups
         q = torch.randn(sum(query_lens), 6, 16, generator=g)
         got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
         assert_dense(got, q, query_lens, keys, values, 0.25)
