@@ -21,7 +21,7 @@ from common import machine_line, median_times, table  # noqa: E402
 from cai_engine import DEFAULT_MODEL  # noqa: E402
 from cai_engine.ops import pairs_from_ranking, pairwise_pm_loss  # noqa: E402
 from cai_engine.ops.pm_loss import pairwise_pm_loss_reference  # noqa: E402
-from cai_engine.reward_model import RewardModel, pack_separate, pack_shared  # noqa: E402
+from cai_engine.model.heads import RewardModel, pack_separate, pack_shared  # noqa: E402
 
 
 def training_throughput(k: int, groups: int, prompt_len: int, resp_len: int, repeats: int, model: RewardModel):

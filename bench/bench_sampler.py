@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_line, median_times  # noqa: E402
 
 from cai_engine import DEFAULT_MODEL, LLM, SamplingParams, load_model  # noqa: E402
-from cai_engine.loading import embedded_model_path  # noqa: E402
+from cai_engine.model.loading import embedded_model_path  # noqa: E402
 
 
 def workloads(tok, vocab: int, gpu: bool):

@@ -1,13 +1,8 @@
 """cai-engine: a minimal native engine for Constitutional AI training."""
-from .config import ModelConfig
-from .engine import LLM, Completion, RequestOutput
+from .engine import LLM, Completion, RequestOutput, SamplingParams
 from .errors import CheckpointError
-from .loading import DEFAULT_MODEL, load_model
-from .model import KVCache, Transformer
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .model import DEFAULT_MODEL, KVCache, ModelConfig, Tokenizer, Transformer, load_model, save_model
 
 __all__ = ["CheckpointError", "Completion", "DEFAULT_MODEL", "KVCache", "LLM", "ModelConfig", "RequestOutput",
-           "SamplingParams", "Tokenizer", "Transformer", "load_model"]
+           "SamplingParams", "Tokenizer", "Transformer", "load_model", "save_model"]
 __version__ = "0.1.0"
-

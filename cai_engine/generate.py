@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from .loading import DEFAULT_MODEL, load_model
-from .model import KVCache, Transformer
-from .tokenizer import Tokenizer
+from .model.loading import DEFAULT_MODEL, load_model
+from .model.decoder import KVCache, Transformer
+from .model.tokenizer import Tokenizer
 
 
 @torch.no_grad()

@@ -9,9 +9,9 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through t
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("CAI_ENGINE_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "cai-engine"))
 
-from cai_engine.checkpoint import build_model, our_name  # noqa: E402
-from cai_engine.config import ModelConfig  # noqa: E402
-from cai_engine.tokenizer import Tokenizer  # noqa: E402
+from cai_engine.model.checkpoint import build_model, our_name  # noqa: E402
+from cai_engine.model.config import ModelConfig  # noqa: E402
+from cai_engine.model.tokenizer import Tokenizer  # noqa: E402
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

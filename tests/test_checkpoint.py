@@ -4,14 +4,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cai_engine import CheckpointError, load_model
+from cai_engine import CheckpointError, load_model, save_model
 from conftest import hf_and_ours
 
 
 @pytest.mark.parametrize("kind,tied", [("llama", True), ("qwen2", False)])
 def test_save_load_round_trip_is_bit_exact(tmp_path, tokenizer, kind, tied):
     _, ours = hf_and_ours(kind, tied)
-    ours.save(tmp_path / "ckpt", tokenizer)
+    save_model(ours, tokenizer, tmp_path / "ckpt")
     again, tok = load_model(tmp_path / "ckpt")
     a, b = ours.state_dict(), again.state_dict()
     assert a.keys() == b.keys()
@@ -28,7 +28,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, tokenizer, kind, tied):
 def test_transformers_loads_what_we_save(tmp_path, tokenizer, kind, tied):
     import transformers
     _, ours = hf_and_ours(kind, tied, seed=4)
-    ours.save(tmp_path, tokenizer)
+    save_model(ours, tokenizer, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 300, (2, 17))
     with torch.no_grad():
@@ -42,10 +42,10 @@ def test_transformers_loads_what_we_save(tmp_path, tokenizer, kind, tied):
 
 
 def test_sharded_checkpoint_with_index_loads(tmp_path, tokenizer, monkeypatch):
-    import cai_engine.checkpoint as ckpt
+    import cai_engine.model.checkpoint as ckpt
     _, ours = hf_and_ours("llama", False)
     monkeypatch.setattr(ckpt, "MAX_SHARD_BYTES", 60_000)
-    ours.save(tmp_path, tokenizer)
+    save_model(ours, tokenizer, tmp_path)
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     again, _ = load_model(tmp_path)
@@ -55,7 +55,7 @@ def test_sharded_checkpoint_with_index_loads(tmp_path, tokenizer, monkeypatch):
 @pytest.fixture
 def saved(tmp_path, tokenizer):
     _, ours = hf_and_ours("llama", False)
-    ours.save(tmp_path, tokenizer)
+    save_model(ours, tokenizer, tmp_path)
     return tmp_path
 
 

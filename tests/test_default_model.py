@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from cai_engine import DEFAULT_MODEL, load_model
-from cai_engine.checkpoint import our_name
+from cai_engine.model.checkpoint import our_name
 from cai_engine.generate import generate_ids, stop_token_ids
-from cai_engine.loading import embedded_model_path
+from cai_engine.model.loading import embedded_model_path
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from cai_engine._native import BlockManager
-from cai_engine.kv_cache import PagedKVCache, paged_attention
-from cai_engine.config import ModelConfig
+from cai_engine.engine.kv_cache import PagedKVCache
+from cai_engine.ops.paged_attention import paged_attention
+from cai_engine.model.config import ModelConfig
 
 
 def dense_attention(q, k, v, scale, causal_offset=None):
@@ -59,7 +60,7 @@ def test_decode_matches_dense(backend, block_size, monkeypatch):
 def test_decode_from_a_block_returns_partial_and_lse(backend, monkeypatch):
     """Keys from block `first_block` on only, with the log-sum-exp that merges partials; a sequence with
     no keys left gives an empty partial (0, -inf)."""
-    from cai_engine.kv_cache import decode_attention
+    from cai_engine.ops.paged_attention import decode_attention
     monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
     lengths, bs, first = [1, 7, 16, 33], 4, 2
     cache, tables, keys, values = fill_cache(lengths, bs)
@@ -77,7 +78,7 @@ def test_decode_from_a_block_returns_partial_and_lse(backend, monkeypatch):
 
 
 def test_merge_partials_equals_attention_over_the_union():
-    from cai_engine.kv_cache import decode_attention, merge_partials
+    from cai_engine.ops.paged_attention import decode_attention, merge_partials
     lengths, bs = [13, 40], 4
     cache, tables, keys, values = fill_cache(lengths, bs)
     q = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(7))
@@ -170,7 +171,7 @@ def assert_dense(got, q, query_lens, keys, values, scale):
 
 @pytest.mark.parametrize("backend", ["torch", "native", "triton"])
 def test_cascade_attention_over_a_shared_prefix_matches_dense(backend, monkeypatch):
-    from cai_engine.kv_cache import common_prefix_blocks
+    from cai_engine.ops.paged_attention import common_prefix_blocks
     monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
     g = torch.Generator().manual_seed(5)
     prefix = list(range(100, 122))                      # 22 tokens: 5 full blocks shared
@@ -185,7 +186,7 @@ def test_cascade_attention_over_a_shared_prefix_matches_dense(backend, monkeypat
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
 def test_softmax_in_place_with_lse(backend, monkeypatch):
-    from cai_engine.kv_cache import softmax_
+    from cai_engine.ops.paged_attention import softmax_
     monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
     x = torch.randn(5, 37, generator=torch.Generator().manual_seed(8)) * 300
     x[1] = float("-inf")                     # no visible key: zeros and -inf
@@ -203,7 +204,7 @@ def test_softmax_in_place_with_lse(backend, monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "native", "triton"])
 def test_decode_with_a_skipped_and_a_shared_range(backend, monkeypatch):
     """first_block and shared_blocks together: blocks [first, shared) scored for the whole batch at once."""
-    from cai_engine.kv_cache import decode_attention
+    from cai_engine.ops.paged_attention import decode_attention
     monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
     lengths, bs = [26, 30, 41], 4
     cache, tables, keys, values = fill_cache(lengths, bs)
@@ -222,7 +223,7 @@ def test_decode_with_a_skipped_and_a_shared_range(backend, monkeypatch):
 def test_two_prefix_groups_a_loner_and_a_prefill_in_one_step(backend, monkeypatch):
     """Decoding sequences grouped by the prefix they share (each group a cascade), one that shares
     nothing, and a prefill chunk, all in one step: each equals dense attention over its own context."""
-    from cai_engine.kv_cache import _step_plan
+    from cai_engine.ops.paged_attention import _step_plan
     monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
     g = torch.Generator().manual_seed(10)
     a, b = list(range(100, 121)), list(range(200, 218))           # 5 and 4 full blocks
@@ -240,7 +241,7 @@ def test_two_prefix_groups_a_loner_and_a_prefill_in_one_step(backend, monkeypatc
 def test_prefill_chunks_past_a_shared_prefix_form_a_cascade(backend, monkeypatch):
     """Chunks that start after blocks they share score those keys in batched GEMMs (here split into
     several row blocks); a chunk that starts inside the shared blocks is computed on its own."""
-    import cai_engine.kv_cache as kv
+    import cai_engine.ops.paged_attention as kv
     monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
     monkeypatch.setattr(kv, "PREFIX_ROWS_PER_GEMM", 4)
     g = torch.Generator().manual_seed(11)

@@ -3,7 +3,8 @@ give the same greedy tokens and logits as recomputing every sequence from scratc
 import torch
 
 from cai_engine._native import BlockManager
-from cai_engine.kv_cache import PagedBatch, PagedKVCache
+from cai_engine.engine.kv_cache import PagedKVCache
+from cai_engine.ops.paged_attention import PagedBatch
 from conftest import hf_and_ours
 
 BS = 4

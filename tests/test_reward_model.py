@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
-from cai_engine.pm_data import DataError, parse_record, read_comparisons, split_hh
-from cai_engine.reward_model import RewardModel, pack_separate, pack_shared
-from cai_engine.train import main as train_main
-from cai_engine.trainers.pm import PMConfig, calibration, train_pm
+from cai_engine.data.comparisons import DataError, parse_record, read_comparisons, split_hh
+from cai_engine import save_model
+from cai_engine.model.heads import RewardModel, pack_separate, pack_shared
+from cai_engine.train.__main__ import main as train_main
+from cai_engine.train.pm import PMConfig, calibration, train_pm
 from conftest import hf_and_ours
 
 
@@ -112,7 +113,7 @@ def synthetic_data(path, n=24, seed=0):
 def test_pm_training_learns_and_resumes(tmp_path, tokenizer):
     torch.manual_seed(0)
     _, backbone = hf_and_ours("llama", True)
-    backbone.save(tmp_path / "base", tokenizer)
+    save_model(backbone, tokenizer, tmp_path / "base")
     synthetic_data(tmp_path / "data.jsonl")
     logs = []
     cfg = PMConfig(data=str(tmp_path / "data.jsonl"), output_dir=str(tmp_path / "run"), model=str(tmp_path / "base"),

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cai_engine.sampling import SamplingParams, _top_p, process_logits, sample
+from cai_engine.engine.sampling import SamplingParams, _top_p, process_logits, sample
 
 
 def test_top_p_keeps_the_sorted_prefix():

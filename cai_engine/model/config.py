@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",

@@ -4,10 +4,10 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .checkpoint import load_hf_dir
-from .errors import CheckpointError
-from .gguf_loader import load_gguf
-from .model import Transformer
+from .checkpoint import load_hf_dir, save_hf_dir
+from ..errors import CheckpointError
+from .gguf import load_gguf
+from .decoder import Transformer
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -45,3 +45,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device=None) -> t
         raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
     raise CheckpointError(f"{key!r}: no such file or directory, and not a known model name "
                           f"(known: {', '.join(_EMBEDDED)}); nothing is downloaded at run time")
+
+
+def save_model(model: Transformer, tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
+    """Write the Hugging Face layout (config, safetensors, tokenizer, chat template): loads unchanged in
+    transformers and vLLM, and in `load_model`."""
+    save_hf_dir(model, tokenizer, directory)

@@ -8,8 +8,8 @@ import argparse
 import sys
 from dataclasses import MISSING, fields
 
-from .pm_data import DataError
-from .trainers.pm import PMConfig, train_pm
+from ..data.comparisons import DataError
+from .pm import PMConfig, train_pm
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:

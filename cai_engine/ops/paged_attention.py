@@ -1,5 +1,5 @@
-"""Paged KV cache: one preallocated [num_blocks, block_size, n_kv, head_dim] pair per layer, addressed by
-the slots the C++ BlockManager hands out, and attention that reads it through block tables.
+"""Attention over a paged KV cache: the decoder's view of one engine step (`PagedBatch`) and the decode /
+prefill / cascade attention that reads the cache through block tables (Triton, native C++ and torch).
 """
 from __future__ import annotations
 
@@ -8,50 +8,18 @@ import torch.nn.functional as F
 
 from dataclasses import dataclass, field
 
-from .config import ModelConfig
-from .ops.backend import choose_backend
+from .backend import choose_backend
 
 
 @dataclass(slots=True)
 class PagedBatch:
     """One engine step: the new tokens of several sequences, flattened, and where their KV lives."""
-    cache: "PagedKVCache"
+    cache: "PagedKVCache"        # cai_engine.engine.kv_cache.PagedKVCache (k, v lists per layer, store())
     slots: torch.Tensor          # [T] slot of every new token
     block_tables: torch.Tensor   # [B, max_blocks] int32
     context_lens: torch.Tensor   # [B] tokens with KV after this step (cached + new)
     query_lens: list[int]        # new tokens per sequence, in order
     plan: dict = field(default_factory=dict)  # attention metadata built by the first layer, reused by the rest
-
-
-def blocks_for_budget(config: ModelConfig, budget_bytes: int, block_size: int, dtype: torch.dtype) -> int:
-    per_block = 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim
-    per_block *= torch.tensor([], dtype=dtype).element_size()
-    blocks = budget_bytes // per_block
-    if blocks < 1:
-        raise ValueError(f"KV budget of {budget_bytes} bytes holds no block of {per_block} bytes")
-    return int(blocks)
-
-
-class PagedKVCache:
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
-        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.block_size = block_size
-
-    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write K/V rows [T, n_kv, D] into their slots (block * block_size + offset)."""
-        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(self.k[layer].dtype))
-        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(self.v[layer].dtype))
-
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy whole blocks (src -> dst) in every layer: the KV side of a copy-on-write fork."""
-        if not pairs:
-            return
-        src = torch.tensor([p[0] for p in pairs], device=self.k[0].device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.k[0].device)
-        for cache in self.k + self.v:
-            cache[dst] = cache[src]
 
 
 MIN_SHARED_BLOCKS = 4  # below this, reading the shared prefix once per sequence costs little
@@ -68,7 +36,7 @@ def softmax_(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis in place; returns the log-sum-exp. A row with every score -inf (no
     visible key) becomes zeros with log-sum-exp -inf, so it weighs nothing when partials merge."""
     if choose_backend(scores) == "native" and scores.dtype == torch.float32 and scores.is_contiguous():
-        from . import _native
+        from .. import _native
         lse = scores.new_empty(scores.shape[:-1])
         _native.softmax_rows_(scores.view(-1, scores.shape[-1]).numpy(), lse.view(-1).numpy())
         return lse
@@ -117,14 +85,14 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, fir
         return merge_partials(o1, lse1, o2, lse2), torch.logaddexp(lse1, lse2)
     backend = choose_backend(q)
     if backend == "native" and q.dtype == k_cache.dtype == torch.float32:
-        from . import _native
+        from .. import _native
         out, lse = torch.empty_like(q), q.new_empty(q.shape[:2])
         _native.paged_decode(q.detach().contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
                              block_tables.to(torch.int32).numpy(), context_lens.to(torch.int32).numpy(), scale,
                              out.numpy(), lse.numpy(), first_block)
         return out, lse
     if backend == "triton":
-        from .kernels.paged_attention import paged_decode
+        from ..kernels.paged_attention import paged_decode
         return paged_decode(q, k_cache, v_cache, block_tables, context_lens.to(torch.int32), scale,
                             first_block=first_block, return_lse=True)
     return _decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, first_block)

@@ -17,11 +17,11 @@ from typing import Sequence
 import torch
 
 from ..io import atomic_write_json
-from ..loading import DEFAULT_MODEL
+from ..model.loading import DEFAULT_MODEL
 from ..ops import pairwise_pm_loss
-from ..pm_data import Comparison, read_comparisons
-from ..reward_model import PackedBatch, RewardModel, pack_separate, pack_shared
-from ..tokenizer import Tokenizer
+from ..data.comparisons import Comparison, read_comparisons
+from ..model.heads import PackedBatch, RewardModel, pack_separate, pack_shared
+from ..model.tokenizer import Tokenizer
 from .optim import (latest_checkpoint, load_optimizer, make_optimizer, make_schedule, read_trainer_state,
                     save_optimizer, write_checkpoint)
 

@@ -10,9 +10,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .config import ModelConfig
-from .errors import CheckpointError
-from .io import atomic_write_bytes, atomic_write_json, read_json
-from .model import Transformer, rope_inv_freq
+from ..errors import CheckpointError
+from ..io import atomic_write_bytes, atomic_write_json, read_json
+from .decoder import Transformer, rope_inv_freq
 from .tokenizer import Tokenizer
 
 MAX_SHARD_BYTES = 4 << 30

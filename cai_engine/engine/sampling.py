@@ -91,7 +91,7 @@ def _top_p(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """
     probs = z.softmax(-1)
     if probs.device.type == "cpu" and probs.dtype == torch.float32:
-        from . import _native
+        from .. import _native
         threshold = torch.from_numpy(_native.top_p_threshold(probs.contiguous().numpy(), top_p.float().numpy()))
     else:
         top_p = top_p.to(probs.device, probs.dtype)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kv_cache import PagedBatch, paged_attention
+from ..ops.paged_attention import PagedBatch, paged_attention
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_varlen_func
@@ -229,11 +229,6 @@ class Transformer(nn.Module):
             cache.length += T
         x = self.norm(x)
         return x[0] if squeeze else x
-
-    def save(self, directory, tokenizer) -> None:
-        """Write the Hugging Face layout (config, safetensors, tokenizer, chat template)."""
-        from .checkpoint import save_hf_dir  # checkpoint imports this module
-        save_hf_dir(self, tokenizer, directory)
 
     def logits(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Dense [.., vocab] logits: for tests and small cases only (the fused ops never build them)."""

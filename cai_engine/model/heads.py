@@ -18,9 +18,9 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from .checkpoint import save_hf_dir, weight_files
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .loading import load_model
-from .model import Transformer
+from .decoder import Transformer
 from .tokenizer import Tokenizer
 
 HEAD = "score.weight"

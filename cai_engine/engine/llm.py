@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._native import BlockManager
-from .kv_cache import PagedBatch, PagedKVCache, blocks_for_budget
-from .model import Transformer
+from .._native import BlockManager
+from ..ops.paged_attention import PagedBatch
+from .kv_cache import PagedKVCache, blocks_for_budget
+from ..model.decoder import Transformer
 from .sampling import SamplingParams, process_logits, sample
-from .tokenizer import Tokenizer
+from ..model.tokenizer import Tokenizer
 
 
 @dataclass(slots=True)

@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import build_model, load_hf_dir, save_hf_dir
 from .config import ModelConfig
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .tokenizer import Tokenizer
 
 _ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
