@@ -17,7 +17,7 @@ def test_wheel_contains_native_module_and_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("cai_engine/_native") and n.endswith(".so") for n in names)
     for module in ("kernels/__init__.py", "kernels/logprob.py", "kernels/pm_loss.py", "ops/logprob.py",
-                   "model.py"):
+                   "model/decoder.py", "engine/llm.py", "train/__main__.py", "data/comparisons.py"):
         assert f"cai_engine/{module}" in names, module
 
 
