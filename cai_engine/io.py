@@ -1,4 +1,5 @@
-"""Small file helpers: every write is atomic (temp file + rename) so an interrupted run never leaves half a file."""
+"""Small file helpers: every write is atomic (temp file + fsync + rename) so an interrupted run never leaves half
+a file, and JSONL logs are appended one whole, fsynced record at a time."""
 from __future__ import annotations
 
 import json
@@ -10,16 +11,41 @@ from typing import Any
 from .errors import CheckpointError
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()  # what open() would give: mkstemp's 0600 would hide outputs from the group
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -41,3 +67,41 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def append_jsonl(path: str | os.PathLike, record: Any) -> None:
+    """Append one whole record as a line and fsync it: a kill leaves at most a torn last line."""
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike, *, keep=None) -> list[Any]:
+    """The whole records of a JSONL log, repairing it in place: a torn last line (a kill mid-append) is
+    dropped, and so is every record `keep(record)` rejects (a resumed run drops what came after its
+    checkpoint). A malformed line elsewhere is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records, kept_lines = [], []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if lineno == len(lines):  # no newline after it: the torn tail of an interrupted append
+                break
+            raise CheckpointError(f"{path}:{lineno}: invalid JSON record: {e}") from None
+        if keep is not None and not keep(record):
+            continue
+        records.append(record)
+        kept_lines.append(line)
+    repaired = b"".join(line + b"\n" for line in kept_lines)
+    if repaired != raw:
+        atomic_write_bytes(path, repaired)
+    return records

@@ -91,3 +91,21 @@ def backend(request, monkeypatch):
 
 def device_for(backend: str) -> str:
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def synthetic_comparisons(path, n=24, seed=0):
+    """Comparison JSONL in all three record formats; the answer made of "he" always beats the one of "zq"."""
+    import json
+    import random
+    rnd = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            good, bad = "he" * rnd.randint(2, 5), "zq" * rnd.randint(2, 5)
+            if i % 3 == 0:
+                record = {"prompt": f"q{i}:", "responses": [bad, good, bad + good], "ranking": [2, 0, 1]}
+            elif i % 3 == 1:
+                record = {"prompt": f"q{i}:", "chosen": good, "rejected": bad}
+            else:
+                record = {"chosen": f"\n\nHuman: q{i}\n\nAssistant: {good}",
+                          "rejected": f"\n\nHuman: q{i}\n\nAssistant: {bad}"}
+            f.write(json.dumps(record) + "\n")

@@ -4,10 +4,8 @@ import pytest
 import torch
 
 from cai_engine.data.comparisons import DataError, parse_record, read_comparisons, split_hh
-from cai_engine import save_model
 from cai_engine.model.heads import RewardModel, pack_separate, pack_shared
-from cai_engine.train.__main__ import main as train_main
-from cai_engine.train.pm import PMConfig, calibration, train_pm
+from cai_engine.train.pm import calibration
 from conftest import hf_and_ours
 
 
@@ -94,47 +92,24 @@ def test_calibration():
     assert abs(calibration(torch.full((4,), 0.9), torch.tensor([1.0, 1.0, 0.0, 0.0]))["ece"] - 0.4) < 1e-6
 
 
-def synthetic_data(path, n=24, seed=0):
-    import random
-    rnd = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            good, bad = "he" * rnd.randint(2, 5), "zq" * rnd.randint(2, 5)
-            if i % 3 == 0:
-                f.write(json.dumps({"prompt": f"q{i}:", "responses": [bad, good, bad + good], "ranking": [2, 0, 1]}))
-            elif i % 3 == 1:
-                f.write(json.dumps({"prompt": f"q{i}:", "chosen": good, "rejected": bad}))
-            else:
-                f.write(json.dumps({"chosen": f"\n\nHuman: q{i}\n\nAssistant: {good}",
-                                    "rejected": f"\n\nHuman: q{i}\n\nAssistant: {bad}"}))
-            f.write("\n")
-
-
-def test_pm_training_learns_and_resumes(tmp_path, tokenizer):
-    torch.manual_seed(0)
-    _, backbone = hf_and_ours("llama", True)
-    save_model(backbone, tokenizer, tmp_path / "base")
-    synthetic_data(tmp_path / "data.jsonl")
-    logs = []
-    cfg = PMConfig(data=str(tmp_path / "data.jsonl"), output_dir=str(tmp_path / "run"), model=str(tmp_path / "base"),
-                   epochs=3, batch_groups=4, grad_accum=2, lr=3e-3, schedule="constant", checkpoint_every=2,
-                   eval_fraction=0.25)
-    summary = train_pm(cfg, log=logs.append)
-    history = summary["history"]
-    assert len(history) == 3 and summary["steps"] == 6
-    assert history[-1]["loss"] < history[0]["loss"] or history[-1]["accuracy"] >= history[0]["accuracy"]
-    final = tmp_path / "run" / "final"
-    assert (final / "config.json").is_file() and (final / "optimizer.safetensors").is_file()
-    assert json.loads((final / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
-    # a longer run over the same output directory resumes from the last checkpoint, not from scratch
-    logs.clear()
-    cfg.epochs = 4
-    summary = train_pm(cfg, log=logs.append)
-    assert any("resumed from" in line and "checkpoint-6" in line for line in logs)
-    assert summary["steps"] == 8 and len(summary["history"]) == 4
-
-
-def test_train_cli_reports_bad_data(tmp_path, capsys):
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "p"}\n')
-    assert train_main(["pm", "--data", str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "o")]) == 2
-    assert "bad.jsonl:1: 'responses' must be a list" in capsys.readouterr().err
+def test_export_scores_equal_in_transformers_when_pad_is_eos(tmp_path, reward_model, tokenizer):
+    """SmolLM2 and Llama 3 pad with their EOS; transformers reads the score at the last non-pad token, so an
+    export keeping pad == EOS would score the token before the EOS that our trainer reads."""
+    import copy
+    import transformers
+    from cai_engine.model.heads import distinct_pad
+    eos_padded = copy.copy(tokenizer)
+    eos_padded.pad_token = tokenizer.eos_token
+    assert eos_padded.pad_id == eos_padded.eos_id
+    reward_model.save(tmp_path, eos_padded)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["pad_token_id"] != eos_padded.eos_id and saved["pad_token_id"] == distinct_pad(eos_padded).pad_id
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    eos = eos_padded.eos_id
+    answers = [[40, 41, 42, eos], [50, 51, eos], [60, 61, 62, 63, 64, eos]]
+    prompt = [30, 31, 32]
+    with torch.no_grad():
+        ours = reward_model(pack_separate([(prompt, answers)], pad_id=saved["pad_token_id"]))
+        rows = pack_separate([(prompt, answers)], pad_id=saved["pad_token_id"]).input_ids  # right-padded batch
+        theirs = hf(rows, attention_mask=(rows != saved["pad_token_id"]).long()).logits[:, 0]
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)

@@ -8,6 +8,7 @@ to the prompt and to itself only: the prompt is encoded once instead of K times.
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,9 +115,13 @@ class RewardModel(nn.Module):
         return self.score(last).squeeze(-1).float()
 
     def save(self, directory: str | os.PathLike, tokenizer: Tokenizer) -> None:
+        """HF *ForSequenceClassification layout. transformers reads the score at the last token that is not
+        `pad_token_id`; we read it at the response's last token, its EOS. Where pad == EOS (SmolLM2, Llama 3)
+        transformers would read the token before the EOS, so the export names a pad token that differs."""
         arch = self.config.architecture.replace("ForCausalLM", "ForSequenceClassification")
+        tokenizer = distinct_pad(tokenizer)
         save_hf_dir(self.backbone, tokenizer, directory, extra_tensors={HEAD: self.score.weight},
-                    config_overrides={"architectures": [arch], "num_labels": 1,
+                    config_overrides={"architectures": [arch], "num_labels": 1, "pad_token_id": tokenizer.pad_id,
                                       "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}})
 
     @classmethod
@@ -132,6 +137,23 @@ class RewardModel(nn.Module):
             with torch.no_grad():
                 model.score.weight.copy_(head)
         return model, tokenizer
+
+
+def distinct_pad(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer, or a copy whose pad token is a special token other than EOS and BOS (one named like a
+    pad token first, then an end-of-text token, then any other): never the token the reward is read at."""
+    if tokenizer.pad_id is not None and tokenizer.pad_id not in (tokenizer.eos_id, tokenizer.bos_id):
+        return tokenizer
+    taken = {tokenizer.eos_id, tokenizer.bos_id}
+    specials = [t.content for i, t in sorted(tokenizer.backend.get_added_tokens_decoder().items())
+                if t.special and i not in taken]
+    ranked = sorted(specials, key=lambda t: (0 if "pad" in t.lower() else 1 if "endoftext" in t.lower() else 2))
+    if not ranked:
+        raise CheckpointError("reward model export: the tokenizer has no special token other than EOS/BOS to pad "
+                              "with, so transformers would score the token before the EOS")
+    out = copy.copy(tokenizer)
+    out.pad_token = ranked[0]
+    return out
 
 
 def _read_head(path: Path) -> Tensor | None:

@@ -1,56 +1,27 @@
-"""Preference-model trainer: JSONL comparisons in, a reward model (HF layout + head) out.
+"""Preference-model trainer: comparisons JSONL in, a reward model (HF *ForSequenceClassification) out.
 
-Prefix-shared encoding by default (each prompt encoded once for its K responses), soft-label pairwise
-loss with every prompt counting once (group_mean), AdamW (or bitsandbytes 8-bit AdamW on CUDA),
-gradient accumulation, cosine or constant schedule, evaluation each epoch (pairwise accuracy and the
-expected calibration error of the soft labels), atomic checkpoints every N steps, resume.
+Prefix-shared encoding by default (each prompt encoded once for its K responses), the soft-label pairwise
+loss with every prompt counting once, evaluation (pairwise accuracy and the expected calibration error of
+the soft labels) before each checkpoint; the loop (accumulation, schedule, bf16-mixed, checkpoints, exact
+resume) is the shared one in `loop.py`.
 """
 from __future__ import annotations
 
-import json
 import random
-import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from ..io import atomic_write_json
-from ..model.loading import DEFAULT_MODEL
-from ..ops import pairwise_pm_loss
 from ..data.comparisons import Comparison, read_comparisons
-from ..model.heads import PackedBatch, RewardModel, pack_separate, pack_shared
+from ..model.heads import RewardModel, pack_separate, pack_shared
 from ..model.tokenizer import Tokenizer
-from .optim import (latest_checkpoint, load_optimizer, make_optimizer, make_schedule, read_trainer_state,
-                    save_optimizer, write_checkpoint)
-
-
-@dataclass(slots=True)
-class PMConfig:
-    data: str = ""
-    output_dir: str = "runs/pm"
-    model: str = DEFAULT_MODEL
-    eval_data: str | None = None
-    eval_fraction: float = 0.1
-    epochs: int = 1
-    batch_groups: int = 4            # prompts per micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    optimizer: str = "adamw"
-    max_grad_norm: float = 1.0
-    center_coef: float = 0.0
-    max_prompt_tokens: int = 1024
-    max_response_tokens: int = 512
-    prefix_sharing: bool = True
-    checkpoint_every: int = 0        # optimizer steps; 0 = only at the end
-    seed: int = 0
-    device: str | None = None
-    dtype: str | None = None
-    resume: bool = True
+from ..ops import pairwise_pm_loss
+from .config import ConfigError, PMSection, RunConfig
+from .loop import (LoopSettings, MicroBatchResult, TrainSummary, TrainTask, preflight, run_training,
+                   seed_everything)
+from .precision import Precision, resolve_device, resolve_precision
 
 
 @dataclass(slots=True)
@@ -61,12 +32,12 @@ class TokenizedGroup:
     probs: list[float]
 
 
-def tokenize(comps: Sequence[Comparison], tok: Tokenizer, cfg: PMConfig) -> list[TokenizedGroup]:
-    eos = [tok.eos_id] if tok.eos_id is not None else []
+def tokenize(comparisons: Sequence[Comparison], tokenizer: Tokenizer, settings: PMSection) -> list[TokenizedGroup]:
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     out = []
-    for c in comps:
-        prompt = tok.encode(c.prompt)[-cfg.max_prompt_tokens:]  # keep the end of a long conversation
-        responses = [tok.encode(r, add_special_tokens=False)[: cfg.max_response_tokens - len(eos)] + eos
+    for c in comparisons:
+        prompt = tokenizer.encode(c.prompt)[-settings.max_prompt_tokens:]  # keep the end of a long conversation
+        responses = [tokenizer.encode(r, add_special_tokens=False)[: settings.max_response_tokens - len(eos)] + eos
                      for r in c.responses]
         out.append(TokenizedGroup(prompt, responses, list(c.pairs), list(c.probs)))
     return out
@@ -85,30 +56,30 @@ def collate(groups: Sequence[TokenizedGroup], pad_id: int, shared: bool):
             torch.tensor(group_ids, dtype=torch.long))
 
 
-def pm_step_loss(model: RewardModel, groups, pad_id: int, cfg: PMConfig, device):
-    batch, pairs, probs, group = collate(groups, pad_id, cfg.prefix_sharing)
+def group_loss(model, groups: Sequence[TokenizedGroup], pad_id: int, settings: PMSection, device):
+    """Mean loss over the groups (each prompt counts once) and the pairwise metrics."""
+    batch, pairs, probs, group = collate(groups, pad_id, settings.prefix_sharing)
     rewards = model(batch.to(device))
-    return pairwise_pm_loss(rewards, pairs.to(device), prob=probs.to(device), group=group.to(device),
-                            center_coef=cfg.center_coef, reduction="group_mean", num_groups=len(groups))
+    loss, metrics = pairwise_pm_loss(rewards, pairs.to(device), prob=probs.to(device), group=group.to(device),
+                                     center_coef=settings.center_coef, reduction="group_mean",
+                                     num_groups=len(groups))
+    return loss, metrics, rewards, pairs, probs, int(batch.attention_mask.sum())
 
 
 @torch.no_grad()
-def evaluate(model: RewardModel, groups: Sequence[TokenizedGroup], pad_id: int, cfg: PMConfig, device,
-             bins: int = 10) -> dict:
-    model.eval()
-    preds, labels, losses = [], [], []
-    for i in range(0, len(groups), cfg.batch_groups):
-        chunk = groups[i:i + cfg.batch_groups]
-        batch, pairs, probs, group = collate(chunk, pad_id, cfg.prefix_sharing)
-        rewards = model(batch.to(device)).cpu()
-        loss, _ = pairwise_pm_loss(rewards, pairs, prob=probs, group=group, reduction="group_mean",
-                                   num_groups=len(chunk))
-        losses.append(float(loss) * len(chunk))
-        preds.append(torch.sigmoid(rewards[pairs[:, 0]] - rewards[pairs[:, 1]]))
+def evaluate(model: RewardModel, groups: Sequence[TokenizedGroup], pad_id: int, settings: PMSection, device,
+             precision: Precision, bins: int = 10) -> dict:
+    predictions, labels, loss_sum = [], [], 0.0
+    for i in range(0, len(groups), settings.batch_groups):
+        chunk = groups[i:i + settings.batch_groups]
+        with precision.autocast(device):
+            loss, _, rewards, pairs, probs, _ = group_loss(model, chunk, pad_id, settings, device)
+        loss_sum += float(loss) * len(chunk)
+        rewards = rewards.float().cpu()
+        predictions.append(torch.sigmoid(rewards[pairs[:, 0]] - rewards[pairs[:, 1]]))
         labels.append(probs)
-    model.train()
-    pred, label = torch.cat(preds), torch.cat(labels)
-    return {"loss": sum(losses) / max(1, len(groups)), **calibration(pred, label, bins)}
+    return {"loss": loss_sum / max(1, len(groups)),
+            **calibration(torch.cat(predictions), torch.cat(labels), bins)}
 
 
 def calibration(pred: torch.Tensor, label: torch.Tensor, bins: int = 10) -> dict:
@@ -119,94 +90,75 @@ def calibration(pred: torch.Tensor, label: torch.Tensor, bins: int = 10) -> dict
     which = (pred * bins).long().clamp_(0, bins - 1)
     ece = 0.0
     for b in range(bins):
-        sel = which == b
-        if sel.any():
-            ece += float(sel.float().mean() * (pred[sel].mean() - label[sel].mean()).abs())
+        selected = which == b
+        if selected.any():
+            ece += float(selected.float().mean() * (pred[selected].mean() - label[selected].mean()).abs())
     return {"accuracy": accuracy, "ece": ece, "pairs": int(label.numel())}
 
 
-def split_eval(comps: list[Comparison], cfg: PMConfig) -> tuple[list[Comparison], list[Comparison]]:
-    if cfg.eval_data:
-        return comps, read_comparisons(cfg.eval_data)
-    order = list(range(len(comps)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = int(round(len(comps) * cfg.eval_fraction)) if len(comps) > 1 else 0
+def split_eval(comparisons: list[Comparison], settings: PMSection, seed: int):
+    if settings.eval_data:
+        return comparisons, read_comparisons(settings.eval_data)
+    order = list(range(len(comparisons)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(len(comparisons) * settings.eval_fraction)) if len(comparisons) > 1 else 0
+    if settings.eval_fraction and n_eval >= len(comparisons):
+        n_eval = len(comparisons) - 1
     held = set(order[:n_eval])
-    return [c for i, c in enumerate(comps) if i not in held], [comps[i] for i in sorted(held)]
+    return [c for i, c in enumerate(comparisons) if i not in held], [comparisons[i] for i in sorted(held)]
 
 
-def train_pm(cfg: PMConfig, log=print) -> dict:
-    if not cfg.data:
-        raise ValueError("PMConfig.data: a JSONL file of comparisons is required")
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.output_dir)
-    train_comps, eval_comps = split_eval(read_comparisons(cfg.data), cfg)
-    resume_from = latest_checkpoint(out) if cfg.resume else None
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-    model, tok = RewardModel.load(resume_from or cfg.model, dtype=dtype, device=cfg.device)
-    device = model.backbone.device
-    model.train()
-    train_groups, eval_groups = tokenize(train_comps, tok, cfg), tokenize(eval_comps, tok, cfg)
-    steps_per_epoch = max(1, len(train_groups) // (cfg.batch_groups * cfg.grad_accum))
-    total_steps = steps_per_epoch * cfg.epochs
-    opt = make_optimizer(model.parameters(), name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                         device=device)
-    step, history = 0, []
-    if resume_from is not None:
-        state = read_trainer_state(resume_from)
-        load_optimizer(opt, resume_from)
-        step, history = state["step"], state["history"]
-        log(f"resumed from {resume_from} at step {step}")
-    sched = make_schedule(opt, name=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
-                          last_step=step - 1)
-
-    def checkpoint(name: str) -> Path:
-        def write(d: Path):
-            model.save(d, tok)
-            save_optimizer(opt, d)
-            atomic_write_json(d / "trainer_state.json", {"step": step, "history": history, "config": asdict(cfg)})
-        return write_checkpoint(out, name, write)
-
-    pad = tok.pad_id if tok.pad_id is not None else 0
-    micro = cfg.batch_groups
-    start = time.perf_counter()
-    for epoch in range(step // steps_per_epoch, cfg.epochs):
-        order = list(range(len(train_groups)))
-        random.Random(cfg.seed + epoch).shuffle(order)
-        for s in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            metrics = []
-            for a in range(cfg.grad_accum):
-                first = (s * cfg.grad_accum + a) * micro
-                groups = [train_groups[i] for i in order[first:first + micro]]
-                loss, m = pm_step_loss(model, groups, pad, cfg, device)
-                (loss / cfg.grad_accum).backward()
-                metrics.append((float(loss.detach()), float(m["accuracy"])))
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            loss_v = sum(x for x, _ in metrics) / len(metrics)
-            acc_v = sum(y for _, y in metrics) / len(metrics)
-            log(f"step {step}/{total_steps} loss {loss_v:.4f} acc {acc_v:.3f} lr {sched.get_last_lr()[0]:.2e}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                checkpoint(f"checkpoint-{step}")
-        if eval_groups:
-            result = {"epoch": epoch + 1, "step": step, **evaluate(model, eval_groups, pad, cfg, device)}
-            history.append(result)
-            log(f"eval epoch {epoch + 1}: " + json.dumps(result))
-    checkpoint(f"checkpoint-{step}")
-    final = checkpoint("final")
-    elapsed = time.perf_counter() - start
-    summary = {"steps": step, "seconds": elapsed, "final": str(final), "history": history}
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+def resume_key(config: RunConfig) -> dict:
+    """The part of the resolved config a PM run's results depend on (compared when resuming)."""
+    return {"model": config.section("model"), "precision": config.section("precision"),
+            "optimizer": config.section("optimizer"), "pm": config.section("pm"), "seed": {"seed": config.run.seed}}
 
 
-def config_from_args(values: dict) -> PMConfig:
-    known = {f.name for f in fields(PMConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown PM options: {sorted(unknown)}")
-    return PMConfig(**values)
+def check_inputs(settings: PMSection) -> None:
+    if not settings.data:
+        raise ConfigError("pm.data: a comparisons JSONL file is required (--data FILE or --set pm.data=FILE)")
+    for key in ("data", "eval_data"):
+        path = getattr(settings, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"pm.{key} = {path!r}: file not found")
+
+
+def train_pm(config: RunConfig, *, allow_config_change: bool = False, log: Callable[[str], None] = print,
+             progress: bool = True) -> TrainSummary:
+    settings = config.pm
+    check_inputs(settings)
+    device = resolve_device(config.run.device)
+    precision = resolve_precision(config.precision.mode, device)
+    loop = LoopSettings(stage_dir=Path(config.run.dir) / "pm", device=device, precision=precision,
+                        optimizer=config.optimizer, checkpoint=config.checkpoint, seed=config.run.seed,
+                        config=resume_key(config), allow_config_change=allow_config_change, progress=progress)
+    finished = preflight(loop, log)
+    if finished is not None:
+        return finished
+    log(f"precision: {precision.mode} ({precision.reason})")
+    train_data, eval_data = split_eval(read_comparisons(settings.data), settings, config.run.seed)
+    n_pairs = sum(len(c.pairs) for c in train_data)
+    log(f"data: {settings.data}: {len(train_data)} train prompts ({n_pairs} pairs), {len(eval_data)} held out"
+        + (f" from {settings.eval_data}" if settings.eval_data else f" ({settings.eval_fraction:.0%} split)"))
+    init = settings.init or config.model.name
+    log(f"loading {init} ...")
+    seed_everything(config.run.seed)  # a new score head is drawn from the seeded RNG
+    model, tokenizer = RewardModel.load(init, dtype=torch.float32, device=device)  # fp32 masters
+    log(f"loaded {init}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}")
+    train_groups, eval_groups = tokenize(train_data, tokenizer, settings), tokenize(eval_data, tokenizer, settings)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+    def loss(trained, indices: list[int]) -> MicroBatchResult:
+        groups = [train_groups[i] for i in indices]
+        mean, metrics, _, _, _, tokens = group_loss(trained, groups, pad, settings, device)
+        n = len(groups)
+        return MicroBatchResult(mean * n, n, tokens, {"accuracy": float(metrics["accuracy"]) * n,
+                                                      "margin": float(metrics["margin"]) * n})
+
+    task = TrainTask(
+        name="pm", model=model, num_examples=len(train_groups), micro_batch=settings.batch_groups,
+        grad_accum=settings.grad_accum, epochs=settings.epochs, lr=settings.lr, loss=loss,
+        export=lambda m, d: m.save(d, tokenizer),
+        evaluate=(lambda m: evaluate(m, eval_groups, pad, settings, device, precision)) if eval_groups else None,
+        eval_every=settings.eval_every)
+    return run_training(task, loop, log)

@@ -1,0 +1,331 @@
+"""The run configuration: nested slots dataclasses, one section per stage plus shared ones.
+
+Resolved in this order, later wins: the dataclass defaults, a TOML file (`--config`), the stage's own
+command-line flags, then `--set section.key=value`. Every key is typed by its dataclass field; an unknown
+key or section is an error that names it and suggests the closest valid one, and impossible values are
+refused before any work starts. `to_toml()` prints the resolved config (`--print-config`) and is what a
+run folder keeps beside its outputs.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import sys
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from ..model.loading import DEFAULT_MODEL
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message names it and what was expected."""
+
+
+def setting(default: Any, help: str, *, check: str = "", choices: tuple = ()) -> Any:
+    """A config field with its one-line help and the rule its value must obey.
+
+    check: "positive" (> 0), "non_negative" (>= 0), "fraction" ([0, 1)), "probability" ([0, 1]) or "".
+    """
+    meta = {"help": help, "check": check, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(slots=True)
+class RunSection:
+    dir: str = setting("runs/cai", "run folder: each stage writes <dir>/<stage>/")
+    seed: int = setting(0, "seed of every random choice (data order, sampling, initialisation)")
+    device: str = setting("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+
+
+@dataclass(slots=True)
+class ModelSection:
+    name: str = setting(DEFAULT_MODEL, "initial model: the embedded default, an HF directory or a .gguf file")
+
+
+@dataclass(slots=True)
+class PrecisionSection:
+    mode: str = setting("auto", "bf16-mixed (fp32 master weights, bf16 matmuls), fp32, or auto: bf16-mixed where "
+                        "bf16 matmuls are fast (CUDA; CPUs with AVX512-BF16 or AMX), fp32 elsewhere",
+                        choices=("auto", "bf16-mixed", "fp32"))
+
+
+@dataclass(slots=True)
+class OptimizerSection:
+    name: str = setting("adamw", "adamw (fused on CUDA) or adamw8bit (bitsandbytes, CUDA only)",
+                        choices=("adamw", "adamw8bit"))
+    weight_decay: float = setting(0.0, "decoupled weight decay", check="non_negative")
+    beta1: float = setting(0.9, "Adam beta1", check="fraction")
+    beta2: float = setting(0.999, "Adam beta2", check="fraction")
+    eps: float = setting(1e-8, "Adam epsilon", check="positive")
+    max_grad_norm: float = setting(1.0, "clip the global gradient norm to this (0 = no clipping)", check="non_negative")
+    schedule: str = setting("cosine", "learning-rate schedule after warmup", choices=("cosine", "constant"))
+    warmup_steps: int = setting(0, "optimizer steps of linear warmup", check="non_negative")
+
+
+@dataclass(slots=True)
+class CheckpointSection:
+    every: int = setting(0, "write a checkpoint every N optimizer steps (0 = only at the end)", check="non_negative")
+    keep: int = setting(2, "checkpoints kept per stage (older ones are deleted)", check="positive")
+
+
+@dataclass(slots=True)
+class PMSection:
+    data: str = setting("", "comparisons JSONL (our format or HH-RLHF chosen/rejected)")
+    eval_data: str = setting("", "held-out comparisons JSONL (empty = split eval_fraction off the data)")
+    eval_fraction: float = setting(0.1, "share of the data held out for evaluation when eval_data is empty",
+                                   check="fraction")
+    init: str = setting("", "checkpoint the PM starts from (empty = model.name)")
+    epochs: int = setting(1, "passes over the training data", check="positive")
+    batch_groups: int = setting(4, "prompts (with all their responses) per micro-batch", check="positive")
+    grad_accum: int = setting(1, "micro-batches per optimizer step", check="positive")
+    lr: float = setting(1e-5, "peak learning rate", check="positive")
+    center_coef: float = setting(0.0, "weight of the penalty that keeps rewards centred at 0", check="non_negative")
+    max_prompt_tokens: int = setting(1024, "prompt tokens kept (the end of a long conversation)", check="positive")
+    max_response_tokens: int = setting(512, "response tokens kept, EOS included", check="positive")
+    prefix_sharing: bool = setting(True, "encode each prompt once for all its responses")
+    eval_every: int = setting(0, "evaluate every N optimizer steps (0 = at the end of each epoch)",
+                              check="non_negative")
+
+
+@dataclass(slots=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    pm: PMSection = field(default_factory=PMSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return asdict(self)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return asdict(getattr(self, name))
+
+
+SHARED_SECTIONS = ("run", "model", "precision", "optimizer", "checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading, overriding, validating
+
+
+def sections(config: RunConfig) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def apply_mapping(config: RunConfig, mapping: dict[str, Any], source: str) -> None:
+    """Set every `section.key` of a parsed TOML document on the config (values checked by type)."""
+    for section_name, values in mapping.items():
+        section = _section(config, section_name, source)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section_name}] must be a table of keys, got {_show(values)}")
+        for key, value in values.items():
+            _assign(section, section_name, key, value, source, from_text=False)
+
+
+def apply_override(config: RunConfig, assignment: str) -> None:
+    """`section.key=value` from the command line; the value is read as the field's type."""
+    source = f"--set {assignment}"
+    name, sep, value = assignment.partition("=")
+    if not sep or "." not in name:
+        raise ConfigError(f"{source}: expected section.key=value, for example pm.lr=3e-5")
+    section_name, key = name.strip().split(".", 1)
+    _assign(_section(config, section_name, source), section_name, key.strip(), value.strip(), source, from_text=True)
+
+
+def set_value(config: RunConfig, dotted: str, value: Any, source: str) -> None:
+    section_name, key = dotted.split(".", 1)
+    _assign(_section(config, section_name, source), section_name, key, value, source, from_text=False)
+
+
+def validate(config: RunConfig) -> None:
+    """Refuse impossible values before any work starts: one error naming the key, the value and the rule."""
+    for section_name, section in sections(config).items():
+        for f in fields(section):
+            value = getattr(section, f.name)
+            key = f"{section_name}.{f.name}"
+            check, choices = f.metadata.get("check", ""), f.metadata.get("choices", ())
+            if choices and value not in choices:
+                raise ConfigError(f"{key} = {_show(value)}: expected one of {', '.join(map(str, choices))}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key} = {value}: expected a finite number")
+            rule = {"positive": (lambda v: v > 0, "> 0"), "non_negative": (lambda v: v >= 0, ">= 0"),
+                    "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                    "probability": (lambda v: 0 <= v <= 1, "in [0, 1]")}.get(check)
+            if rule and not rule[0](value):
+                raise ConfigError(f"{key} = {_show(value)}: expected a value {rule[1]}")
+
+
+def to_toml(config: RunConfig) -> str:
+    lines = []
+    for section_name, section in sections(config).items():
+        lines.append(f"[{section_name}]")
+        for f in fields(section):
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def diff(old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> list[str]:
+    """`section.key` of every value that differs between two resolved configs (as dicts)."""
+    out = []
+    for section_name in sorted(set(old) | set(new)):
+        a, b = old.get(section_name, {}), new.get(section_name, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key, MISSING) != b.get(key, MISSING):
+                out.append(f"{section_name}.{key} ({_show(a.get(key))} -> {_show(b.get(key))})")
+    return out
+
+
+def field_help(config: RunConfig, dotted: str) -> tuple[str, Any, type]:
+    """Help text, current value and type of one key (for command-line flags)."""
+    section_name, key = dotted.split(".", 1)
+    section = getattr(config, section_name)
+    f = next(f for f in fields(section) if f.name == key)
+    return f.metadata["help"], getattr(section, key), _field_type(section, f)
+
+
+def _section(config: RunConfig, name: str, source: str):
+    names = [f.name for f in fields(config)]
+    if name not in names:
+        raise ConfigError(f"{source}: unknown section [{name}]{_suggest(name, names)}")
+    return getattr(config, name)
+
+
+def _assign(section, section_name: str, key: str, value: Any, source: str, *, from_text: bool) -> None:
+    names = [f.name for f in fields(section)]
+    if key not in names:
+        raise ConfigError(f"{source}: unknown key {section_name}.{key}{_suggest(key, names, section_name + '.')}")
+    f = next(f for f in fields(section) if f.name == key)
+    kind = _field_type(section, f)
+    converted = _convert(value, kind, from_text)
+    if converted is _BAD:
+        raise ConfigError(f"{source}: {section_name}.{key} = {_show(value)}: expected {_type_name(kind)}")
+    setattr(section, key, converted)
+
+
+_BAD = object()
+
+
+def _field_type(section, f) -> Any:
+    hints = typing.get_type_hints(type(section))
+    return hints[f.name]
+
+
+def _convert(value: Any, kind: Any, from_text: bool) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if from_text:
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = tomllib.loads(f"v = {text}")["v"]
+                except tomllib.TOMLDecodeError:
+                    return _BAD
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, list):
+            return _BAD
+        items = [_convert(v, item, from_text and isinstance(v, str) and item is not str) for v in value]
+        return _BAD if any(i is _BAD for i in items) else items
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str):
+            return {"true": True, "1": True, "yes": True, "on": True,
+                    "false": False, "0": False, "no": False, "off": False}.get(value.lower(), _BAD)
+        return _BAD
+    if kind is int:
+        if isinstance(value, bool):
+            return _BAD
+        if isinstance(value, int):
+            return value
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                return _BAD
+        return _BAD
+    if kind is float:
+        if isinstance(value, bool):
+            return _BAD
+        if isinstance(value, (int, float)):
+            return float(value)
+        if from_text and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _BAD
+        return _BAD
+    if kind is str:
+        return value if isinstance(value, str) else _BAD
+    raise TypeError(f"config fields of type {kind} are not supported")
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return f"a list of {_type_name(typing.get_args(kind)[0])}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (str, list)) else str(value)
+
+
+def _suggest(name: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"; did you mean {prefix}{close[0]}?" if close else f"; valid: {', '.join(options)}"
+
+
+def resolve(*, config_file: str | None = None, flags: dict[str, Any] | None = None,
+            overrides: list[str] | None = None, base: RunConfig | None = None) -> RunConfig:
+    """Defaults (or `base`), then the TOML file, then flags ({"pm.lr": 3e-5}), then `--set` overrides; validated."""
+    config = base or RunConfig()
+    if config_file:
+        apply_mapping(config, load_toml(config_file), str(config_file))
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            set_value(config, dotted, value, "--" + dotted.split(".", 1)[1].replace("_", "-"))
+    for assignment in overrides or []:
+        apply_override(config, assignment)
+    validate(config)
+    return config
+
+
+__all__ = ["CheckpointSection", "ConfigError", "ModelSection", "OptimizerSection", "PMSection", "PrecisionSection",
+           "RunConfig", "RunSection", "apply_mapping", "apply_override", "diff", "field_help", "load_toml",
+           "resolve", "setting", "to_toml", "validate"]
