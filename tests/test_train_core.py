@@ -305,3 +305,36 @@ def test_bf16_op_inputs_send_gradients_to_fp32_masters():
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, name
         assert p.grad.abs().sum() > 0, name
+
+
+# ----------------------------------------------------------------------------------------------- scale-out, Ctrl-C
+
+def test_torchrun_two_processes_match_one(tmp_path, pm_setup):
+    """DDP over gloo: each rank takes half of every step's examples; the gradient is the same sum over the
+    whole step, so the losses equal a single process's up to summation order."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = lambda run: pm_args(pm_setup, run, "--batch-groups", "3", "--grad-accum", "2", "--precision", "fp32")
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "-m", "cai_engine.train", *args(tmp_path / "ddp")], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stdout + multi.stderr
+    assert multi.stdout.count("pm: 6 steps") == 1  # rank 0 speaks for both
+    assert train_main(args(tmp_path / "single")) == 0
+    ddp, single = (read_jsonl(tmp_path / run / "pm" / "metrics.jsonl") for run in ("ddp", "single"))
+    assert [r["examples"] for r in ddp] == [r["examples"] for r in single] == [6] * 6
+    for a, b in zip(ddp, single):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_ctrl_c_prints_how_to_resume_without_a_traceback(tmp_path, pm_setup):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    proc = _launch(pm_args(pm_setup, run, "--epochs", "40", "--checkpoint-every", "5", "--precision", "fp32"), env)
+    deadline = time.time() + 300
+    while _lines(run / "pm" / "metrics.jsonl") < 6 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    assert "interrupted: run the same command again to resume" in out and "Traceback" not in out
+    assert not [p for p in (run / "pm").iterdir() if p.name.startswith(".")]

@@ -16,6 +16,7 @@ from ..data.comparisons import DataError
 from ..errors import CheckpointError
 from ..io import atomic_write_text
 from .config import ConfigError, RunConfig, field_help, resolve, to_toml
+from .distributed import init_from_environment, is_main
 from .loop import TrainingError
 
 # flags every stage takes, as aliases of shared config keys
@@ -24,7 +25,8 @@ SHARED_FLAGS = {"model": "model.name", "seed": "run.seed", "device": "run.device
                 "max_grad_norm": "optimizer.max_grad_norm", "schedule": "optimizer.schedule",
                 "warmup_steps": "optimizer.warmup_steps", "checkpoint_every": "checkpoint.every",
                 "keep_checkpoints": "checkpoint.keep"}
-STAGES = {"pm": "train a preference model on comparisons JSONL"}
+STAGES = {"sft": "finetune the model on its revised answers (SL-CAI)",
+          "pm": "train a preference model on comparisons JSONL"}
 
 
 def stage_flags(stage: str) -> dict[str, str]:
@@ -75,13 +77,27 @@ def resolve_args(args: argparse.Namespace) -> RunConfig:
     return resolve(config_file=args.config, flags=booleans, overrides=overrides + args.overrides)
 
 
+def log(line: str) -> None:
+    if is_main():  # under torchrun, rank 0 speaks for all
+        print(line, flush=True)
+
+
 def run_stage(stage: str, config: RunConfig, *, allow_config_change: bool, progress: bool) -> str:
     run_dir = Path(config.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.toml", to_toml(config))
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.toml", to_toml(config))
+    if stage == "sft":
+        from .sft import train_sft
+        summary = train_sft(config, allow_config_change=allow_config_change, progress=progress, log=log)
+        if summary.already_finished:
+            return f"sft: already finished; model at {summary.final}"
+        last = summary.history[-1] if summary.history else {}
+        return (f"sft: {summary.steps} steps in {summary.seconds:.1f}s"
+                + (f", held-out loss {last['loss']:.4f}" if last else "") + f"; model at {summary.final}")
     if stage == "pm":
         from .pm import train_pm
-        summary = train_pm(config, allow_config_change=allow_config_change, progress=progress)
+        summary = train_pm(config, allow_config_change=allow_config_change, progress=progress, log=log)
         if summary.already_finished:
             return f"pm: already finished; model at {summary.final}"
         last = summary.history[-1] if summary.history else {}
@@ -95,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig()
     try:
         config = resolve_args(args)
+        init_from_environment()  # under torchrun: join the process group (gloo on CPU, nccl on CUDA)
         if args.print_config:
             print(to_toml(config), end="")
             return 0
-        print(run_stage(args.stage, config, allow_config_change=args.resume_with_new_config,
-                        progress=not args.no_progress))
+        log(run_stage(args.stage, config, allow_config_change=args.resume_with_new_config,
+                      progress=not args.no_progress))
         return 0
     except KeyboardInterrupt:
         where = Path(config.run.dir) / args.stage

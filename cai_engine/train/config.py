@@ -98,12 +98,32 @@ class PMSection:
 
 
 @dataclass(slots=True)
+class SFTSection:
+    data: str = setting("", "critique records JSONL (empty = <run.dir>/critique/revisions.jsonl)")
+    targets: str = setting("final", "train on the final revision only, or on every round's revision",
+                           choices=("final", "all"))
+    skip_flags: list[str] = setting(["empty", "cut", "echo"], "leave out records flagged with any of these "
+                                    "(empty, cut at max tokens, echoing the request, unchanged revision)")
+    helpful_data: str = setting("", "JSONL of helpfulness samples ({prompt or messages, response}) mixed in")
+    eval_fraction: float = setting(0.05, "share of the examples held out for evaluation", check="fraction")
+    max_seq_len: int = setting(1024, "tokens per packed row (examples are packed, attention kept apart)",
+                               check="positive")
+    epochs: int = setting(1, "passes over the training data", check="positive")
+    batch_rows: int = setting(4, "packed rows per micro-batch", check="positive")
+    grad_accum: int = setting(1, "micro-batches per optimizer step", check="positive")
+    lr: float = setting(1e-5, "peak learning rate", check="positive")
+    eval_every: int = setting(0, "evaluate every N optimizer steps (0 = at the end of each epoch)",
+                              check="non_negative")
+
+
+@dataclass(slots=True)
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    sft: SFTSection = field(default_factory=SFTSection)
     pm: PMSection = field(default_factory=PMSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -327,5 +347,5 @@ def resolve(*, config_file: str | None = None, flags: dict[str, Any] | None = No
 
 
 __all__ = ["CheckpointSection", "ConfigError", "ModelSection", "OptimizerSection", "PMSection", "PrecisionSection",
-           "RunConfig", "RunSection", "apply_mapping", "apply_override", "diff", "field_help", "load_toml",
+           "RunConfig", "RunSection", "SFTSection", "apply_mapping", "apply_override", "diff", "field_help", "load_toml",
            "resolve", "setting", "to_toml", "validate"]

@@ -9,6 +9,7 @@ weights are bit-identical to an uninterrupted run's.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import resource
@@ -174,18 +175,26 @@ def run_training(task: TrainTask, settings: LoopSettings, log: Callable[[str], N
                 group["lr"] = lr
             tick = time.perf_counter()
             loss_sum, weight, tokens, examples, sums = 0.0, 0.0, 0, 0, {}
-            micro_batches = step_micro_batches(task, order, step_in_epoch)
-            for micro in micro_batches:
-                with settings.precision.autocast(settings.device):
-                    result = task.loss(trained, micro)
-                value = float(result.loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingError(f"{task.name} step {step + 1}: the loss is {value} on the micro-batch of "
-                                        f"examples {micro}; stopped without writing a checkpoint "
-                                        f"(the last good one is kept; try a lower lr)")
-                result.loss.backward()
+            micro_batches, dummy = step_micro_batches(task, order, step_in_epoch), False
+            if not micro_batches:  # a rank left without examples still joins the gradient all-reduce, at weight 0
+                micro_batches, dummy = [[order[0]]], True
+            for index, micro in enumerate(micro_batches):
+                # under DDP only the last backward of the step all-reduces (every rank makes exactly one)
+                sync = trained.no_sync() if trained is not model and index < len(micro_batches) - 1 \
+                    else contextlib.nullcontext()
+                with sync:
+                    with settings.precision.autocast(settings.device):
+                        result = task.loss(trained, micro)
+                    if dummy:
+                        result = MicroBatchResult(result.loss * 0.0, 0.0, 0, {k: 0.0 for k in result.metrics})
+                    value = float(result.loss.detach())
+                    if not math.isfinite(value):
+                        raise TrainingError(f"{task.name} step {step + 1}: the loss is {value} on the micro-batch "
+                                            f"of examples {micro}; stopped without writing a checkpoint "
+                                            f"(the last good one is kept; try a lower lr)")
+                    result.loss.backward()
                 loss_sum, weight, tokens = loss_sum + value, weight + result.weight, tokens + result.tokens
-                examples += len(micro)
+                examples += 0 if dummy else len(micro)
                 for key, v in result.metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(v)
             total_weight = all_reduce_sum(weight)
