@@ -163,7 +163,10 @@ def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_training_state(directory: Path, *, model, optimizer, state: dict) -> None:
+def save_training_state(directory: Path, *, model, optimizer, state: dict,
+                        extra: dict[str, torch.Tensor] | None = None) -> None:
+    if extra is not None:  # a trainer's own state (a rollout buffer, an adaptive coefficient)
+        save_tensors({k: v.detach().cpu().contiguous() for k, v in extra.items()}, directory / "task_state.safetensors")
     save_weights(model, directory)
     save_optimizer(optimizer, directory)
     meta, tensors = rng_state()
@@ -177,6 +180,11 @@ def load_training_state(directory: Path, *, model, optimizer) -> dict:
     load_optimizer(optimizer, directory)
     set_rng_state(state.pop("rng"), load_file(str(directory / "rng.safetensors")))
     return state
+
+
+def load_extra(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / "task_state.safetensors"
+    return load_file(str(path)) if path.is_file() else {}
 
 
 def read_state(directory: Path) -> dict:

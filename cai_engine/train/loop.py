@@ -55,11 +55,19 @@ class TrainTask:
     export: Callable[[torch.nn.Module, Path], None]             # write the final model (HF layout) into a folder
     evaluate: Callable[[torch.nn.Module], dict[str, Any]] | None = None
     eval_every: int = 0                                         # optimizer steps; 0 = at the end of each epoch
+    # Several optimizer steps on one batch (PPO's epochs of minibatches over one rollout): the batch's examples
+    # go to `plan(step, update, examples)`, which returns that update's micro-batches (lists the loss takes).
+    updates_per_batch: int = 1
+    plan: Callable[[int, int, list[int]], list[list[int]]] | None = None
+    # Extra state a checkpoint must hold for exact resume (a rollout buffer, an adaptive coefficient).
+    state: Callable[[], dict[str, torch.Tensor]] | None = None
+    load_state: Callable[[dict[str, torch.Tensor]], None] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
-        # every example is used every epoch: the last step of an epoch may hold fewer
-        return max(1, math.ceil(self.num_examples / (self.micro_batch * self.grad_accum)))
+        # every example is used every epoch: the last batch of an epoch may hold fewer
+        batches = max(1, math.ceil(self.num_examples / (self.micro_batch * self.grad_accum)))
+        return batches * self.updates_per_batch
 
     @property
     def total_steps(self) -> int:
@@ -101,10 +109,14 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def step_micro_batches(task: TrainTask, order: list[int], step_in_epoch: int) -> list[list[int]]:
+def step_micro_batches(task: TrainTask, order: list[int], step: int, step_in_epoch: int) -> list[list[int]]:
     """This rank's micro-batches for one optimizer step (ranks take the step's examples in turn)."""
-    per_step = task.micro_batch * task.grad_accum
-    examples = order[step_in_epoch * per_step:(step_in_epoch + 1) * per_step][rank()::world_size()]
+    per_batch = task.micro_batch * task.grad_accum
+    batch, update = divmod(step_in_epoch, task.updates_per_batch)
+    examples = order[batch * per_batch:(batch + 1) * per_batch]
+    if task.plan is not None:
+        return task.plan(step, update, examples)
+    examples = examples[rank()::world_size()]
     return [examples[i:i + task.micro_batch] for i in range(0, len(examples), task.micro_batch)]
 
 
@@ -140,6 +152,8 @@ def run_training(task: TrainTask, settings: LoopSettings, log: Callable[[str], N
     step, history, resumed_from = 0, [], ckpt.latest(stage_dir)
     if resumed_from is not None:
         state = ckpt.load_training_state(resumed_from, model=model, optimizer=optimizer)
+        if task.load_state is not None:
+            task.load_state(ckpt.load_extra(resumed_from))
         step, history = state["step"], state["history"]
         if state["total_steps"] != task.total_steps and not settings.allow_config_change:
             raise TrainingError(f"{resumed_from}: planned {state['total_steps']} steps, now {task.total_steps} "
@@ -160,8 +174,10 @@ def run_training(task: TrainTask, settings: LoopSettings, log: Callable[[str], N
     def save_checkpoint() -> None:
         if is_main():
             state = {"step": step, "total_steps": task.total_steps, "history": history, "config": settings.config}
+            extra = task.state() if task.state is not None else None
             ckpt.write_folder(stage_dir, f"{ckpt.PREFIX}{step}",
-                              lambda d: ckpt.save_training_state(d, model=model, optimizer=optimizer, state=state))
+                              lambda d: ckpt.save_training_state(d, model=model, optimizer=optimizer, state=state,
+                                                                 extra=extra))
             ckpt.prune(stage_dir, settings.checkpoint.keep)
         barrier()
 
@@ -175,7 +191,7 @@ def run_training(task: TrainTask, settings: LoopSettings, log: Callable[[str], N
                 group["lr"] = lr
             tick = time.perf_counter()
             loss_sum, weight, tokens, examples, sums = 0.0, 0.0, 0, 0, {}
-            micro_batches, dummy = step_micro_batches(task, order, step_in_epoch), False
+            micro_batches, dummy = step_micro_batches(task, order, step, step_in_epoch), False
             if not micro_batches:  # a rank left without examples still joins the gradient all-reduce, at weight 0
                 micro_batches, dummy = [[order[0]]], True
             for index, micro in enumerate(micro_batches):
