@@ -35,8 +35,9 @@ PYBIND11_MODULE(_native, m) {
   m.def("paged_decode", &paged_decode, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("scale"), py::arg("out"), py::arg("lse") = py::none(),
         py::arg("first_block") = 0,
-        "Decode attention: q [B, H, D] against caches [blocks, block_size, kv_heads, D] through block tables, "
-        "from block first_block on; lse [B, H] (optional) receives each row's log-sum-exp of scores.");
+        "Decode attention: q [B, H, D] against caches [blocks, block_size, kv_heads, D] (float32, or bfloat16 "
+        "passed as its 16-bit patterns) through block tables, from block first_block on; out [B, H, D] float32; "
+        "lse [B, H] (optional) receives each row's log-sum-exp of scores.");
   py::class_<BlockManager>(m, "BlockManager",
                            "Paged KV-cache blocks: free list, reference counts, block tables, copy-on-write forks and "
                            "prefix caching (chained block hashes, verified on a hit, LRU eviction).")

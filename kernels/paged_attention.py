@@ -82,11 +82,13 @@ def _merge_splits_kernel(part_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, n_splits, str
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, blocks_per_split: int | None = None, first_block: int = 0,
-                 return_lse: bool = False):
+                 return_lse: bool = False, out_dtype: torch.dtype | None = None):
     """q [B, H, D]; caches [num_blocks, block_size, n_kv, D]; block_tables [B, max_blocks] int32; -> [B, H, D].
 
     first_block skips each sequence's leading blocks (cascade attention scores a shared prefix apart);
-    return_lse also returns the [B, H] log-sum-exp of the scores, to merge with another partial.
+    return_lse also returns the [B, H] log-sum-exp of the scores, to merge with another partial;
+    out_dtype (default q's) lets a cascade keep the partial in float32 until it is merged. K/V may be
+    bf16: they are widened to float32 on load, and scores, softmax and accumulators are float32.
     """
     B, H, D = q.shape
     _, block_size, n_kv, _ = k_cache.shape
@@ -105,7 +107,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1), blocks_per_split, first_block,
         GROUP=group, BLOCK_G=triton.next_power_of_2(group), BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_D=block_d)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty(B, H, **f32)
     _merge_splits_kernel[(B, H)](part, m, l, out, lse, n_splits, part.stride(0), part.stride(1), part.stride(2),
                                  m.stride(0), m.stride(1), out.stride(0), out.stride(1), lse.stride(0), HEAD_DIM=D,

@@ -135,17 +135,18 @@ def test_copy_blocks():
     assert torch.equal(cache.k[0][30], cache.k[0][src]) and torch.equal(cache.v[0][30], cache.v[0][src])
 
 
-def prefix_cached_batch(prompts, g, bs=4, n_kv=2, D=16, H=6):
+def prefix_cached_batch(prompts, g, bs=4, n_kv=2, D=16, H=6, dtype=torch.float32):
     """A paged cache holding every prompt's KV, with prefix caching on: sequences that start alike share
-    the physical blocks (and so the KV) of the first one that computed them."""
+    the physical blocks (and so the KV) of the first one that computed them. The returned keys/values
+    are what the cache holds (rounded to its dtype)."""
     cfg = ModelConfig(num_hidden_layers=1, num_attention_heads=H, num_key_value_heads=n_kv, hidden_size=H * D)
-    cache = PagedKVCache(cfg, 96, bs, torch.float32, "cpu")
+    cache = PagedKVCache(cfg, 96, bs, dtype, "cpu")
     bm = BlockManager(96, bs, prefix_caching=True)
     keys, values = [], []
     for s, toks in enumerate(prompts):
         cached = bm.allocate(s, toks)
-        k = torch.randn(len(toks), n_kv, D, generator=g)
-        v = torch.randn(len(toks), n_kv, D, generator=g)
+        k = torch.randn(len(toks), n_kv, D, generator=g).to(dtype).float()
+        v = torch.randn(len(toks), n_kv, D, generator=g).to(dtype).float()
         donor = next((i for i in range(s) if prompts[i][:cached] == toks[:cached]), None) if cached else None
         if donor is not None:
             k[:cached], v[:cached] = keys[donor][:cached], values[donor][:cached]
@@ -161,27 +162,60 @@ def prefix_cached_batch(prompts, g, bs=4, n_kv=2, D=16, H=6):
     return cache, tables, torch.tensor([len(p) for p in prompts]), keys, values
 
 
-def assert_dense(got, q, query_lens, keys, values, scale):
+def assert_dense(got, q, query_lens, keys, values, scale, tolerance=1e-5):
     start = 0
     for s, n in enumerate(query_lens):
-        ref = dense_attention(q[start:start + n], keys[s], values[s], scale)
-        torch.testing.assert_close(got[start:start + n].double(), ref, atol=1e-5, rtol=1e-5)
+        ref = dense_attention(q[start:start + n].float(), keys[s], values[s], scale)
+        torch.testing.assert_close(got[start:start + n].double(), ref, atol=tolerance, rtol=min(tolerance, 1e-5))
         start += n
 
 
+# bf16 end to end (q, cache and output in bf16; scores, softmax and merges in fp32) against float64 over
+# the same bf16-rounded q/K/V. The output is rounded to bf16 once: half a unit in the last place is 2^-9
+# relative, and outputs here are below 2 in size, so <= 0.004 (measured: 0.0037). 6e-3 allows that plus
+# a little; scores rounded to bf16 before the softmax (the old behaviour) measured 0.0096 and fail.
+BF16_TOLERANCE = 6e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["torch", "native", "triton"])
-def test_cascade_attention_over_a_shared_prefix_matches_dense(backend, monkeypatch):
+def test_cascade_attention_over_a_shared_prefix_matches_dense(backend, dtype, monkeypatch):
     from cai_engine.ops.paged_attention import common_prefix_blocks
     monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
     g = torch.Generator().manual_seed(5)
     prefix = list(range(100, 122))                      # 22 tokens: 5 full blocks shared
     prompts = [prefix + suffix for suffix in ([1, 2, 3], [4], list(range(7, 19)))]
-    cache, tables, lens, keys, values = prefix_cached_batch(prompts, g)
+    cache, tables, lens, keys, values = prefix_cached_batch(prompts, g, dtype=dtype)
     assert common_prefix_blocks(tables, lens, 4) == 5
     for query_lens in ([1, 1, 1], [1, 1, 5], [3, 1, 12], [2, 1, 1]):
-        q = torch.randn(sum(query_lens), 6, 16, generator=g)
+        q = torch.randn(sum(query_lens), 6, 16, generator=g).to(dtype)
         got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
-        assert_dense(got, q, query_lens, keys, values, 0.25)
+        assert got.dtype == dtype
+        assert_dense(got, q, query_lens, keys, values, 0.25, 1e-5 if dtype == torch.float32 else BF16_TOLERANCE)
+
+
+@pytest.mark.parametrize("head_dim", [16, 24])       # 16: the native AVX-512 path; 24: the generic loops
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_decode_reads_a_bf16_cache_in_fp32(backend, head_dim, monkeypatch):
+    """A bf16 cache widened exactly to fp32: scores, softmax, LSE and output are fp32, so the result equals
+    float64 over the same bf16 values to fp32 accuracy (1e-5), not to bf16's."""
+    from cai_engine.ops.paged_attention import decode_attention
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
+    lengths = [1, 7, 16, 45]
+    cache, tables, keys, values = fill_cache(lengths, 4, head_dim=head_dim, dtype=torch.bfloat16)
+    q = (torch.randn(4, 6, head_dim, generator=torch.Generator().manual_seed(12)) * 3).bfloat16()
+    for first in (0, 2):
+        out, lse = decode_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(lengths), 0.25, first)
+        assert out.dtype == lse.dtype == torch.float32
+        for b, n in enumerate(lengths):
+            if n <= first * 4:
+                continue
+            k = keys[b].bfloat16().double()[first * 4:]
+            v = values[b].bfloat16().double()[first * 4:]
+            torch.testing.assert_close(out[b:b + 1].double(), dense_attention(q[b:b + 1].double(), k, v, 0.25),
+                                       atol=1e-5, rtol=1e-5)
+            s = torch.einsum("hd,khd->hk", q[b].double(), k.repeat_interleave(3, 1)) * 0.25
+            torch.testing.assert_close(lse[b].double(), s.logsumexp(-1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])

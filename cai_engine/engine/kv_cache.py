@@ -19,10 +19,24 @@ def blocks_for_budget(config: ModelConfig, budget_bytes: int, block_size: int, d
 
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
-        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        self.layers, self.dtype, self.device = config.num_hidden_layers, dtype, device
         self.block_size = block_size
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.allocate()
+
+    def allocate(self) -> None:
+        """(Re)create the per-layer K/V tensors (zeros: a fresh cache holds no KV)."""
+        if not self.k:
+            self.k = [torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+            self.v = [torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+
+    def release(self) -> None:
+        """Drop the K/V tensors so their memory goes back (to the OS on CPU, to the allocator on CUDA)."""
+        self.k, self.v = [], []
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write K/V rows [T, n_kv, D] into their slots (block * block_size + offset)."""

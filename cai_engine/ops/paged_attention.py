@@ -1,5 +1,9 @@
 """Attention over a paged KV cache: the decoder's view of one engine step (`PagedBatch`) and the decode /
 prefill / cascade attention that reads the cache through block tables (Triton, native C++ and torch).
+
+Precision: q and the cache may be bfloat16, but scores, softmax, log-sum-exps and the merge of partials
+are float32 on every path (a bf16 score rounds to 3 significant digits, which a softmax over a long
+context turns into visible weight errors); the output is cast back to q's dtype once, at the end.
 """
 from __future__ import annotations
 
@@ -48,9 +52,14 @@ def softmax_(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _partial(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax(scores) @ values, log-sum-exp of the scores)."""
+    """(softmax(scores) @ values, log-sum-exp of the scores), float32 (scores are float32)."""
     lse = softmax_(scores)
-    return torch.matmul(scores, values), lse
+    return torch.matmul(scores, values.float()), lse
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q @ k as float32 scores whatever the inputs' dtype (bf16 operands are exact in float32)."""
+    return torch.matmul(q.float(), k.float())
 
 
 def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
@@ -61,19 +70,20 @@ def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2:
 
 def _prefix_partial(q: torch.Tensor, k_cache, v_cache, prefix: torch.Tensor, scale: float):
     """Every query of the batch, q [B, H, D], against the shared blocks `prefix`, one GEMM per KV head:
-    (out [B, H, D], lse [B, H])."""
+    (out [B, H, D], lse [B, H]), float32."""
     (B, H, D), n_kv = q.shape, k_cache.shape[2]
     G = H // n_kv
-    # one gathered copy each, viewed [n_kv, Lp, D] with strides BLAS takes as they are
-    kp = k_cache.index_select(0, prefix).to(q.dtype).view(-1, n_kv, D).transpose(0, 1)
-    vp = v_cache.index_select(0, prefix).to(q.dtype).view(-1, n_kv, D).transpose(0, 1)
-    s = (q * scale).view(B, n_kv, G, D).transpose(0, 1).reshape(n_kv, B * G, D) @ kp.transpose(1, 2)
+    # one gathered float32 copy each, viewed [n_kv, Lp, D] with strides BLAS takes as they are
+    kp = k_cache.index_select(0, prefix).float().view(-1, n_kv, D).transpose(0, 1)
+    vp = v_cache.index_select(0, prefix).float().view(-1, n_kv, D).transpose(0, 1)
+    s = (q.float() * scale).view(B, n_kv, G, D).transpose(0, 1).reshape(n_kv, B * G, D) @ kp.transpose(1, 2)
     o, lse = _partial(s, vp)                                              # [n_kv, B * G, D], [n_kv, B * G]
     return o.view(n_kv, B, G, D).transpose(0, 1).reshape(B, H, D), lse.view(n_kv, B, G).transpose(0, 1).reshape(B, H)
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, first_block=0, shared_blocks=0):
-    """One query per sequence, q [B, H, D], over its blocks from `first_block` on: (out [B, H, D], lse [B, H]).
+    """One query per sequence, q [B, H, D], over its blocks from `first_block` on: (out [B, H, D], lse [B, H]),
+    both float32 whatever the dtype of q and the cache.
 
     Blocks below `shared_blocks` are the same physical blocks for every sequence (block_tables[0]'s):
     they are read once and scored for the whole batch (cascade).
@@ -84,30 +94,38 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, fir
         o2, lse2 = decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, shared_blocks)
         return merge_partials(o1, lse1, o2, lse2), torch.logaddexp(lse1, lse2)
     backend = choose_backend(q)
-    if backend == "native" and q.dtype == k_cache.dtype == torch.float32:
+    if backend == "native" and k_cache.dtype in (torch.float32, torch.bfloat16) and k_cache.is_contiguous():
         from .. import _native
-        out, lse = torch.empty_like(q), q.new_empty(q.shape[:2])
-        _native.paged_decode(q.detach().contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
+        out = torch.empty(q.shape, dtype=torch.float32)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32)
+        _native.paged_decode(q.detach().float().contiguous().numpy(), _buffer(k_cache), _buffer(v_cache),
                              block_tables.to(torch.int32).numpy(), context_lens.to(torch.int32).numpy(), scale,
                              out.numpy(), lse.numpy(), first_block)
         return out, lse
     if backend == "triton":
         from ..kernels.paged_attention import paged_decode
         return paged_decode(q, k_cache, v_cache, block_tables, context_lens.to(torch.int32), scale,
-                            first_block=first_block, return_lse=True)
+                            first_block=first_block, return_lse=True, out_dtype=torch.float32)
     return _decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, first_block)
+
+
+def _buffer(cache: torch.Tensor):
+    """A cache as the native kernels take it: float32 as is, bfloat16 as its 16-bit patterns (numpy has no
+    bfloat16; the kernel widens them to float32 in registers)."""
+    return cache.detach().view(torch.int16).numpy() if cache.dtype == torch.bfloat16 else cache.detach().numpy()
 
 
 def _decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, first_block):
     bs, n_kv, D = k_cache.shape[1:]
     B, H = q.shape[:2]
-    out, lse = torch.zeros_like(q), q.new_full((B, H), float("-inf"))
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full((B, H), float("-inf"), device=q.device)
     for b, n in enumerate(context_lens.tolist()):
         if n <= first_block * bs:
             continue
-        k = gather_kv(k_cache, block_tables[b], n)[first_block * bs:].to(q.dtype)   # [L, n_kv, D]
-        v = gather_kv(v_cache, block_tables[b], n)[first_block * bs:].to(q.dtype)
-        s = torch.einsum("kgd,lkd->kgl", q[b].view(n_kv, H // n_kv, D), k).mul_(scale)
+        k = gather_kv(k_cache, block_tables[b], n)[first_block * bs:].float()   # [L, n_kv, D]
+        v = gather_kv(v_cache, block_tables[b], n)[first_block * bs:]
+        s = torch.einsum("kgd,lkd->kgl", q[b].float().view(n_kv, H // n_kv, D), k).mul_(scale)
         o, l = _partial(s, v.transpose(0, 1))
         out[b], lse[b] = o.reshape(H, D), l.reshape(H)
     return out, lse
@@ -136,11 +154,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         plan.update(_step_plan(block_tables, context_lens, query_lens, k_cache.shape[1], q.device))
     if plan["all_decode"]:
         return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                shared_blocks=plan["decode"][0][2])[0]
+                                shared_blocks=plan["decode"][0][2])[0].to(q.dtype)
     out = torch.empty_like(q)
     for rows, q_index, shared in plan["decode"]:
         out[q_index] = decode_attention(q[q_index], k_cache, v_cache, block_tables[rows], context_lens[rows], scale,
-                                        shared_blocks=shared)[0]
+                                        shared_blocks=shared)[0].to(q.dtype)
     for members, shared, spans in plan["prefill"]:
         if shared:
             _cascade_prefill(q, out, k_cache, v_cache, block_tables[members[0], :shared].long(), spans,
@@ -218,17 +236,17 @@ def _cascade_prefill(q, out, k_cache, v_cache, prefix, spans, tables, first: int
     row = 0
     for table, (start, n_q, n_ctx) in zip(tables, spans):
         o_own, lse_own = _own_partial(q[start:start + n_q], k_cache, v_cache, table, first, n_ctx, scale)
-        out[start:start + n_q] = merge_partials(o_pre[row:row + n_q], lse_pre[row:row + n_q], o_own, lse_own)
+        out[start:start + n_q] = merge_partials(o_pre[row:row + n_q], lse_pre[row:row + n_q], o_own, lse_own).to(out.dtype)
         row += n_q
 
 
 def _own_partial(q, k_cache, v_cache, block_table, first: int, n_ctx: int, scale: float):
-    """The last n_q = len(q) tokens of a sequence over its keys [first, n_ctx), causal: (out, lse)."""
+    """The last n_q = len(q) tokens of a sequence over its keys [first, n_ctx), causal: (out, lse), float32."""
     n_q, (H, D), n_kv = q.shape[0], q.shape[1:], k_cache.shape[2]
-    k = gather_kv(k_cache, block_table, n_ctx)[first:].to(q.dtype)                 # [L, n_kv, D]
-    v = gather_kv(v_cache, block_table, n_ctx)[first:].to(q.dtype)
-    qg = (q * scale).view(n_q, n_kv, H // n_kv, D).permute(1, 2, 0, 3)           # [n_kv, G, n_q, D]
-    s = qg @ k.permute(1, 2, 0).unsqueeze(1)                                      # [n_kv, G, n_q, L]
+    k = gather_kv(k_cache, block_table, n_ctx)[first:]                            # [L, n_kv, D]
+    v = gather_kv(v_cache, block_table, n_ctx)[first:]
+    qg = (q.float() * scale).view(n_q, n_kv, H // n_kv, D).permute(1, 2, 0, 3)   # [n_kv, G, n_q, D]
+    s = _scores(qg, k.permute(1, 2, 0).unsqueeze(1))                              # [n_kv, G, n_q, L]
     hide = torch.ones(n_q, n_ctx - first, dtype=torch.bool, device=q.device).triu(n_ctx - first - n_q + 1)
     s.masked_fill_(hide, float("-inf"))
     o, lse = _partial(s, v.transpose(0, 1).unsqueeze(1))                          # [n_kv, G, n_q, D]
