@@ -26,7 +26,8 @@ SHARED_FLAGS = {"model": "model.name", "seed": "run.seed", "device": "run.device
                 "warmup_steps": "optimizer.warmup_steps", "checkpoint_every": "checkpoint.every",
                 "keep_checkpoints": "checkpoint.keep"}
 STAGES = {"sft": "finetune the model on its revised answers (SL-CAI)",
-          "pm": "train a preference model on comparisons JSONL"}
+          "pm": "train a preference model on comparisons JSONL",
+          "rl": "PPO or RLOO against the preference model with a KL penalty (RL-CAI)"}
 
 
 def stage_flags(stage: str) -> dict[str, str]:
@@ -103,6 +104,12 @@ def run_stage(stage: str, config: RunConfig, *, allow_config_change: bool, progr
         last = summary.history[-1] if summary.history else {}
         scores = f", eval accuracy {last['accuracy']:.3f}, ECE {last['ece']:.3f}" if last else ""
         return f"pm: {summary.steps} steps in {summary.seconds:.1f}s{scores}; model at {summary.final}"
+    if stage == "rl":
+        from .rl import train_rl
+        summary = train_rl(config, allow_config_change=allow_config_change, progress=progress, log=log)
+        if summary.already_finished:
+            return f"rl: already finished; policy at {summary.final}"
+        return f"rl: {summary.steps} optimizer steps in {summary.seconds:.1f}s; policy at {summary.final}"
     raise ConfigError(f"unknown stage {stage!r}")
 
 

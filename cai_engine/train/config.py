@@ -117,6 +117,46 @@ class SFTSection:
 
 
 @dataclass(slots=True)
+class RLSection:
+    algorithm: str = setting("ppo", "ppo (value model, GAE, clipped surrogate) or rloo (leave-one-out baseline)",
+                             choices=("ppo", "rloo"))
+    prompts: str = setting("", "prompts JSONL ({prompt} or {messages} per line)")
+    policy: str = setting("", "policy and frozen reference (empty = <run.dir>/sft/final, else model.name)")
+    reward_model: str = setting("", "preference model (empty = <run.dir>/pm/final)")
+    value_model: str = setting("critic", "PPO's value model: a separate critic initialised from the PM, or a "
+                               "head on the policy trunk", choices=("critic", "head"))
+    epochs: int = setting(1, "passes over the prompts", check="positive")
+    prompts_per_batch: int = setting(16, "prompts per rollout batch", check="positive")
+    samples_per_prompt: int = setting(2, "answers sampled per prompt (RLOO needs >= 2)", check="positive")
+    max_new_tokens: int = setting(128, "answer tokens sampled at most", check="positive")
+    max_prompt_tokens: int = setting(512, "prompt tokens kept (the end of a long conversation)", check="positive")
+    temperature: float = setting(1.0, "sampling temperature (the trainer scores at the same one)", check="positive")
+    top_p: float = setting(1.0, "nucleus sampling (1 = off; the importance weights correct for it)",
+                           check="positive")
+    epochs_per_batch: int = setting(2, "passes over each rollout batch", check="positive")
+    minibatches: int = setting(2, "optimizer steps per pass over a rollout batch", check="positive")
+    micro_rows: int = setting(8, "sequences per forward/backward (gradient accumulation inside a minibatch)",
+                              check="positive")
+    lr: float = setting(1e-6, "peak learning rate", check="positive")
+    kl_coef: float = setting(0.05, "beta: weight of the per-token KL to the reference in the reward",
+                             check="non_negative")
+    kl_estimator: str = setting("k1", "per-token KL: k1 (log ratio), k3 (unbiased, positive), or full (exact, "
+                                "over the whole vocabulary)", choices=("k1", "k3", "full"))
+    kl_target: float = setting(0.0, "adapt beta towards this KL per answer (0 = fixed beta)", check="non_negative")
+    kl_horizon: int = setting(10000, "answers over which the adaptive beta moves by its error", check="positive")
+    clip_range: float = setting(0.2, "PPO ratio clip", check="positive")
+    value_clip: float = setting(0.2, "PPO value clip", check="positive")
+    vf_coef: float = setting(0.1, "weight of the value loss", check="non_negative")
+    entropy_coef: float = setting(0.0, "entropy bonus", check="non_negative")
+    gamma: float = setting(1.0, "discount", check="probability")
+    lam: float = setting(0.95, "GAE lambda", check="probability")
+    whiten_rewards: bool = setting(False, "standardise the PM scores over each rollout batch")
+    whiten_advantages: bool = setting(True, "standardise the advantages over each rollout batch")
+    is_truncation: float = setting(2.0, "cap of the sampler -> trainer importance weights", check="positive")
+    kv_cache_mb: int = setting(512, "the sampler's KV cache", check="positive")
+
+
+@dataclass(slots=True)
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -125,6 +165,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     sft: SFTSection = field(default_factory=SFTSection)
     pm: PMSection = field(default_factory=PMSection)
+    rl: RLSection = field(default_factory=RLSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return asdict(self)
@@ -347,5 +388,5 @@ def resolve(*, config_file: str | None = None, flags: dict[str, Any] | None = No
 
 
 __all__ = ["CheckpointSection", "ConfigError", "ModelSection", "OptimizerSection", "PMSection", "PrecisionSection",
-           "RunConfig", "RunSection", "SFTSection", "apply_mapping", "apply_override", "diff", "field_help", "load_toml",
+           "RLSection", "RunConfig", "RunSection", "SFTSection", "apply_mapping", "apply_override", "diff", "field_help", "load_toml",
            "resolve", "setting", "to_toml", "validate"]

@@ -363,7 +363,7 @@ def train_rl(config: RunConfig, *, reward: RewardFn | None = None, allow_config_
         reward = reward_model_scores(reward_model, pad, precision, device)
     prompts = load_prompts(s.prompts, tokenizer, s.max_prompt_tokens)
     model = ActorCritic(policy, critic, value_head)
-    llm = LLM(policy, tokenizer, kv_cache_bytes=s.kv_cache_mb << 20)
+    llm = LLM(policy, tokenizer, dtype=precision.compute_dtype, kv_cache_bytes=s.kv_cache_mb << 20)
     trainer = RLTrainer(s, model, reference, llm, reward, prompts, precision, device, config.run.seed, pad,
                         tokenizer.eos_id, beta=s.kl_coef)
     log(f"{len(prompts)} prompts; {s.algorithm}: {s.prompts_per_batch} prompts x {s.samples_per_prompt} samples "
