@@ -103,7 +103,7 @@ def run_trl(data: Path, k: int, warmup: int, steps: int, out: Path) -> dict:
 def child(args) -> None:
     out = Path(args.out)
     if args.variant == "trl":
-        result = run_trl(Path(args.data), args.k, args.warmup, args.steps, out)
+        result = run_trl(Path(args.data), int(args.k), args.warmup, args.steps, out)
     else:
         result = run_ours(Path(args.data), args.variant, args.warmup, out)
     print(json.dumps(result))
