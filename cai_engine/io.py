@@ -41,3 +41,42 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+# ---------------------------------------------------------------- append-only JSONL (resumable stage outputs)
+
+def append_jsonl_record(path: str | os.PathLike, record: Any) -> None:
+    """Append one whole record as a line and fsync: a crash leaves at most a torn last line."""
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl_records(path: str | os.PathLike) -> list[Any]:
+    """The whole records of an append-only JSONL file ([] when it does not exist yet).
+
+    A torn last line (no final newline: the write was interrupted) is cut off the file so appends
+    continue cleanly; a malformed line that is not the torn end raises ValueError naming file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # bytes up to and including the last newline are whole lines
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    records = []
+    # split on "\n" only: str.splitlines would also split inside records at U+2028 and friends
+    for lineno, line in enumerate(data[:end].decode("utf-8").split("\n")[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    return records
