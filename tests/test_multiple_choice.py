@@ -20,6 +20,12 @@ QUESTIONS = [
     ("Q: 2+2?\nThe answer is:", [" four", " five", " hello there"]),
     ("hello hello hello, a longer prompt so that rows have different lengths. The answer is:", [" (A)", " (B)", " (C)"]),
     ("x", [" y"]),
+    # prompts that share prefixes with each other (and one that is a prefix of another): packed together
+    ("Example: the sky is blue. The answer is: (A)\n\nQ: is grass green? The answer is:", [" (A)", " (B)"]),
+    ("Example: the sky is blue. The answer is: (A)\n\nQ: is snow hot? The answer is:", [" (A)", " (B)"]),
+    ("Example: the sky is blue. The answer is: (A)\n\nQ: is snow hot?", [" The answer is: (B)", " no"]),
+    ("Example: the sky is blue. The answer is:", [" (A)", " (B)"]),
+    ("Q: 2+2?\nThe answer is:", [" five", " hello"]),  # the same prompt as another question
 ]
 
 
@@ -44,14 +50,28 @@ def oracle_scores(hf, tok, questions) -> list[list[float]]:
     return out
 
 
-@pytest.mark.parametrize("max_batch_tokens", [1, 64, 100000])
-def test_scores_equal_transformers(models, max_batch_tokens):
+@pytest.mark.parametrize("max_batch_tokens, max_row_tokens", [(1, 1), (64, 64), (100000, 100000), (100000, 1)])
+def test_scores_equal_transformers(models, max_batch_tokens, max_row_tokens):
     hf, ours, tok = models
-    ours_scores = score_continuations(ours, tok, QUESTIONS, max_batch_tokens=max_batch_tokens, progress=False)
+    ours_scores = score_continuations(ours, tok, QUESTIONS, max_batch_tokens=max_batch_tokens,
+                                      max_row_tokens=max_row_tokens, progress=False)
     expected = oracle_scores(hf, tok, QUESTIONS)
     assert [len(r) for r in ours_scores] == [len(c) for _, c in QUESTIONS]
     for got, want in zip(ours_scores, expected):
         assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_rows_share_common_prefixes():
+    tok = tiny_tokenizer()
+    encoded = [encode_question(tok, p, c) for p, c in QUESTIONS]
+    prompts, sizes = [p for p, _ in encoded], [len(p) + sum(map(len, o)) for p, o in encoded]
+    rows = multiple_choice._rows(prompts, sizes, 100000)
+    assert sorted(q for r in rows for q in r.members) == list(range(len(QUESTIONS)))
+    shared = next(r for r in rows if 4 in r.members)
+    assert sorted(shared.members) == [4, 5, 6, 7] and shared.shared == len(prompts[7])
+    assert shared.length == sum(sizes[q] for q in shared.members) - 3 * shared.shared
+    assert sum(r.length for r in rows) < sum(sizes)
+    assert all(len(r.members) == 1 for r in multiple_choice._rows(prompts, sizes, 1))
 
 
 def test_bf16_scores_are_close_to_fp32(models):
