@@ -72,6 +72,9 @@ def test_rows_share_common_prefixes():
     assert shared.length == sum(sizes[q] for q in shared.members) - 3 * shared.shared
     assert sum(r.length for r in rows) < sum(sizes)
     assert all(len(r.members) == 1 for r in multiple_choice._rows(prompts, sizes, 1))
+    # a question that would share only one token with a row sharing five does not join it
+    rows = multiple_choice._rows([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7], [1, 9, 9, 9, 9, 9]], [7, 7, 7], 100)
+    assert [r.members for r in rows] == [[0, 1], [2]] and rows[0].shared == 5 and rows[0].length == 9
 
 
 def test_bf16_scores_are_close_to_fp32(models):
@@ -131,7 +134,12 @@ def write_mc_file(path, questions, extra=True):
 def test_eval_cli_accuracy_and_logprobs_equal_transformers(tmp_path, models, capsys):
     hf, ours, tok = models
     save_model(ours, tok, tmp_path / "model")
-    mc = [(p, c[:1], c[1:]) for p, c in QUESTIONS[:3]] + [(QUESTIONS[1][0], [" five", " four"], [" hello there"])]
+    mc = [(p, c[:1], c[1:]) for p, c in QUESTIONS[:3]]
+    # two corrects on either side of an incorrect: wrong (every correct must beat every incorrect),
+    # and two corrects above an incorrect: right
+    prompt, options = QUESTIONS[1]
+    best, middle, worst = (o for _, o in sorted(zip(oracle_scores(hf, tok, [QUESTIONS[1]])[0], options), reverse=True))
+    mc += [(prompt, [best, worst], [middle]), (prompt, [middle, best], [worst])]
     write_mc_file(tmp_path / "mc.jsonl", mc)
     expected = oracle_scores(hf, tok, [(p, c + i) for p, c, i in mc])
     right = [min(s[: len(c)]) > max(s[len(c):]) for s, (_, c, _) in zip(expected, mc)]
@@ -144,8 +152,8 @@ def test_eval_cli_accuracy_and_logprobs_equal_transformers(tmp_path, models, cap
     lo, hi = wilson_interval(sum(right), len(mc))
     assert last == f"accuracy {sum(right) / len(mc):.4f} ({sum(right)}/{len(mc)}, 95% CI {lo:.4f}-{hi:.4f})"
     results = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
-    assert [r["line"] for r in results] == [1, 2, 3, 4]
-    assert [r["right"] for r in results] == right
+    assert [r["line"] for r in results] == [1, 2, 3, 4, 5]
+    assert [r["right"] for r in results] == right and right[3:] == [False, True]
     for r, want, (_, c, _) in zip(results, expected, mc):
         assert r["corrects_logprobs"] + r["incorrects_logprobs"] == pytest.approx(want, abs=1e-4)
 

@@ -98,7 +98,8 @@ def _rows(prompts: list[Sequence[int]], sizes: list[int], max_row_tokens: int) -
         if rows:
             row = rows[-1]
             common = _common_prefix(prompts[row.members[0]], prompts[i], row.shared)
-            grown = row.length + (row.shared - common) * len(row.members) + sizes[i] - common
+            # members after the first re-encode what stops being shared; the newcomer adds all but the prefix
+            grown = row.length + (row.shared - common) * (len(row.members) - 1) + sizes[i] - common
             if common > 0 and grown < row.length + sizes[i] and grown <= max_row_tokens:
                 row.shared, row.length = common, grown
                 row.members.append(i)
