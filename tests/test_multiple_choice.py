@@ -161,6 +161,13 @@ def test_eval_cli_accuracy_and_logprobs_equal_transformers(tmp_path, models, cap
                     "--limit", "2", "--dtype", "float32", "--no-progress"])
     assert rc == 0 and f"({sum(right[:2])}/2," in capsys.readouterr().out.strip().splitlines()[-1]
 
+    # the default dtype (bf16 on this kind of CPU, else fp32) gives nearly the same log-probs
+    rc = eval_main(["mc", "--data", str(tmp_path / "mc.jsonl"), "--model", str(tmp_path / "model"),
+                    "--out", str(tmp_path / "auto.jsonl"), "--no-progress"])
+    assert rc == 0 and capsys.readouterr().out.strip().splitlines()[-1].startswith("accuracy ")
+    for r, want in zip(map(json.loads, open(tmp_path / "auto.jsonl")), expected):
+        assert r["corrects_logprobs"] + r["incorrects_logprobs"] == pytest.approx(want, abs=0.3)
+
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "invalid JSON"),
