@@ -69,6 +69,8 @@ def read_json(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
+# ---------------------------------------------------------------- append-only JSONL (stage outputs, metrics)
+
 def append_jsonl(path: str | os.PathLike, record: Any) -> None:
     """Append one whole record as a line and fsync it: a kill leaves at most a torn last line."""
     line = json.dumps(record, ensure_ascii=False) + "\n"
@@ -79,29 +81,35 @@ def append_jsonl(path: str | os.PathLike, record: Any) -> None:
 
 
 def read_jsonl(path: str | os.PathLike, *, keep=None) -> list[Any]:
-    """The whole records of a JSONL log, repairing it in place: a torn last line (a kill mid-append) is
-    dropped, and so is every record `keep(record)` rejects (a resumed run drops what came after its
-    checkpoint). A malformed line elsewhere is an error naming the file and line."""
+    """The whole records of an append-only JSONL file ([] when it does not exist yet), repairing it in place:
+    bytes after the last newline (the torn tail of an interrupted append) are cut off, and so is every record
+    `keep(record)` rejects (a resumed run drops what came after its checkpoint). A malformed line elsewhere is
+    an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         return []
     raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    records, kept_lines = [], []
-    for lineno, line in enumerate(lines, start=1):
+    end = raw.rfind(b"\n") + 1  # bytes up to and including the last newline are whole lines
+    records, kept = [], []
+    # split on "\n" only: str.splitlines would also split inside records at U+2028 and friends
+    for lineno, line in enumerate(raw[:end].split(b"\n")[:-1], start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            if lineno == len(lines):  # no newline after it: the torn tail of an interrupted append
-                break
             raise CheckpointError(f"{path}:{lineno}: invalid JSON record: {e}") from None
         if keep is not None and not keep(record):
             continue
         records.append(record)
-        kept_lines.append(line)
-    repaired = b"".join(line + b"\n" for line in kept_lines)
-    if repaired != raw:
-        atomic_write_bytes(path, repaired)
+        kept.append(line)
+    if keep is not None:
+        repaired = b"".join(line + b"\n" for line in kept)
+        if repaired != raw:
+            atomic_write_bytes(path, repaired)
+    elif end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
     return records

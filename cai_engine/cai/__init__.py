@@ -1,0 +1,1 @@
+"""The Constitutional AI method: constitution, prompt formats, the critique loop, AI feedback, multiple-choice scoring."""

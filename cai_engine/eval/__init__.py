@@ -1,0 +1,1 @@
+"""Evaluations: `python -m cai_engine.eval mc` scores multiple-choice files by teacher forcing."""
