@@ -35,7 +35,7 @@ from ..model.tokenizer import Tokenizer
 from .constitution import Constitution, CritiqueExample, CritiquePrinciple
 
 # A critique or revision ends where the model starts the next section of the transcript on its own.
-STOPS = ["CritiqueRequest:", "RevisionRequest:", "\nHuman:", "\nAssistant:", "\nCritique:", "\nRevision:"]
+STOPS = ["CritiqueRequest:", "RevisionRequest:", "\nHuman:", "\nAssistant:", "\nUser:", "\nCritique:", "\nRevision:"]
 
 
 @dataclass(slots=True)
