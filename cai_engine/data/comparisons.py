@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
+HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 
 
@@ -26,6 +28,24 @@ class Comparison:
     responses: list[str]
     pairs: list[tuple[int, int]] = field(default_factory=list)   # local indices into responses
     probs: list[float] = field(default_factory=list)             # P(first beats second)
+
+
+def split_labeled(text: str, labels: tuple[str, ...] = ("Human", "Assistant")) -> list[tuple[str, str]]:
+    """Cut a transcript in the paper's style ("\\n\\nHuman: ...\\n\\nAssistant: ...", and the critique
+    labels) into (label, text) turns, texts stripped. Raises ValueError if anything precedes the first label."""
+    marker = re.compile("(?:^|\n\n)(" + "|".join(map(re.escape, labels)) + "):")
+    found = list(marker.finditer(text))
+    if not found or text[:found[0].start()].strip():
+        names = " / ".join(f"'{label}:'" for label in labels)
+        raise ValueError(f"expected a transcript of turns labelled {names}, each after a blank line")
+    ends = [m.start() for m in found[1:]] + [len(text)]
+    return [(m.group(1), text[m.end():end].strip()) for m, end in zip(found, ends)]
+
+
+def hh_turns(text: str) -> list[dict[str, str]]:
+    """An HH-RLHF transcript as chat messages (Human -> user, Assistant -> assistant)."""
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[label], "content": body} for label, body in split_labeled(text)]
 
 
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
