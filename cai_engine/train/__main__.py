@@ -18,6 +18,7 @@ from ..io import atomic_write_text
 from .config import ConfigError, RunConfig, field_help, resolve, to_toml
 from .distributed import init_from_environment, is_main
 from .loop import TrainingError
+from .stages import run_stage
 
 # flags every stage takes, as aliases of shared config keys
 SHARED_FLAGS = {"model": "model.name", "seed": "run.seed", "device": "run.device", "precision": "precision.mode",
@@ -25,7 +26,9 @@ SHARED_FLAGS = {"model": "model.name", "seed": "run.seed", "device": "run.device
                 "max_grad_norm": "optimizer.max_grad_norm", "schedule": "optimizer.schedule",
                 "warmup_steps": "optimizer.warmup_steps", "checkpoint_every": "checkpoint.every",
                 "keep_checkpoints": "checkpoint.keep"}
-STAGES = {"sft": "finetune the model on its revised answers (SL-CAI)",
+STAGES = {"critique": "sample answers, then critique and revise them against the constitution (SL-CAI)",
+          "sft": "finetune the model on its revised answers (SL-CAI)",
+          "feedback": "sample answer pairs from the SL-CAI model and label them by AI feedback (RL-CAI)",
           "pm": "train a preference model on comparisons JSONL",
           "rl": "PPO or RLOO against the preference model with a KL penalty (RL-CAI)"}
 
@@ -83,34 +86,11 @@ def log(line: str) -> None:
         print(line, flush=True)
 
 
-def run_stage(stage: str, config: RunConfig, *, allow_config_change: bool, progress: bool) -> str:
-    run_dir = Path(config.run.dir)
+def prepare_run_dir(config: RunConfig) -> None:
     if is_main():
+        run_dir = Path(config.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", to_toml(config))
-    if stage == "sft":
-        from .sft import train_sft
-        summary = train_sft(config, allow_config_change=allow_config_change, progress=progress, log=log)
-        if summary.already_finished:
-            return f"sft: already finished; model at {summary.final}"
-        last = summary.history[-1] if summary.history else {}
-        return (f"sft: {summary.steps} steps in {summary.seconds:.1f}s"
-                + (f", held-out loss {last['loss']:.4f}" if last else "") + f"; model at {summary.final}")
-    if stage == "pm":
-        from .pm import train_pm
-        summary = train_pm(config, allow_config_change=allow_config_change, progress=progress, log=log)
-        if summary.already_finished:
-            return f"pm: already finished; model at {summary.final}"
-        last = summary.history[-1] if summary.history else {}
-        scores = f", eval accuracy {last['accuracy']:.3f}, ECE {last['ece']:.3f}" if last else ""
-        return f"pm: {summary.steps} steps in {summary.seconds:.1f}s{scores}; model at {summary.final}"
-    if stage == "rl":
-        from .rl import train_rl
-        summary = train_rl(config, allow_config_change=allow_config_change, progress=progress, log=log)
-        if summary.already_finished:
-            return f"rl: already finished; policy at {summary.final}"
-        return f"rl: {summary.steps} optimizer steps in {summary.seconds:.1f}s; policy at {summary.final}"
-    raise ConfigError(f"unknown stage {stage!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_toml(config), end="")
             return 0
+        prepare_run_dir(config)
         log(run_stage(args.stage, config, allow_config_change=args.resume_with_new_config,
-                      progress=not args.no_progress))
+                      progress=not args.no_progress, log=log))
         return 0
     except KeyboardInterrupt:
         where = Path(config.run.dir) / args.stage

@@ -22,6 +22,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from ..cai.critique import CritiqueConfig
+from ..cai.feedback import FeedbackConfig
 from ..model.loading import DEFAULT_MODEL
 
 
@@ -80,7 +82,8 @@ class CheckpointSection:
 
 @dataclass(slots=True)
 class PMSection:
-    data: str = setting("", "comparisons JSONL (our format or HH-RLHF chosen/rejected)")
+    data: str = setting("", "comparisons JSONL, our format or HH-RLHF chosen/rejected (empty = "
+                        "<run.dir>/feedback/comparisons.jsonl)")
     eval_data: str = setting("", "held-out comparisons JSONL (empty = split eval_fraction off the data)")
     eval_fraction: float = setting(0.1, "share of the data held out for evaluation when eval_data is empty",
                                    check="fraction")
@@ -95,6 +98,61 @@ class PMSection:
     prefix_sharing: bool = setting(True, "encode each prompt once for all its responses")
     eval_every: int = setting(0, "evaluate every N optimizer steps (0 = at the end of each epoch)",
                               check="non_negative")
+
+
+def library_default(cls, name: str) -> Any:
+    """The default of a library config field (cai/ owns its defaults; the run config adds help and rules)."""
+    return cls.__dataclass_fields__[name].default
+
+
+@dataclass(slots=True)
+class CritiqueSection:
+    constitution: str = setting("", "constitution: a TOML/JSON file, a folder of the paper's files, or empty for ours")
+    prompts: str = setting("", "prompts JSONL (prompt / messages / HH transcript per line); empty = the built-in "
+                           "train split")
+    limit: int = setting(library_default(CritiqueConfig, "limit"), "only the first N prompts (0 = all)",
+                         check="non_negative")
+    rounds: int = setting(library_default(CritiqueConfig, "rounds"), "critique -> revision rounds per prompt",
+                          check="positive")
+    max_new_tokens: int = setting(library_default(CritiqueConfig, "max_new_tokens"),
+                                  "tokens per generation (answer, critique, revision)", check="positive")
+    temperature: float = setting(library_default(CritiqueConfig, "temperature"), "sampling temperature",
+                                 check="non_negative")
+    top_p: float = setting(library_default(CritiqueConfig, "top_p"), "nucleus sampling", check="positive")
+    revise_only: bool = setting(library_default(CritiqueConfig, "revise_only"),
+                                "revise directly from the revision request, without a critique")
+    few_shot: int = setting(library_default(CritiqueConfig, "few_shot"),
+                            "few-shot examples in front (-1 = all of the constitution's)")
+    batch_size: int = setting(library_default(CritiqueConfig, "batch_size"),
+                              "prompts generated together (records are written after each batch)", check="positive")
+    kv_cache_mb: int = setting(1024, "the sampler's KV cache", check="positive")
+
+
+@dataclass(slots=True)
+class FeedbackSection:
+    prompts: str = setting("", "prompts JSONL; empty = the built-in train split")
+    limit: int = setting(0, "only the first N prompts (0 = all)", check="non_negative")
+    policy: str = setting("", "model that samples the answer pairs (empty = <run.dir>/sft/final, else model.name)")
+    feedback_model: str = setting("", "model that judges the pairs (empty = model.name, the initial model)")
+    max_new_tokens: int = setting(128, "answer tokens sampled at most", check="positive")
+    temperature: float = setting(1.0, "sampling temperature of the answers", check="positive")
+    top_p: float = setting(0.95, "nucleus sampling of the answers", check="positive")
+    principles_per_pair: int = setting(library_default(FeedbackConfig, "principles_per_pair"),
+                                       "comparison principles per pair, probabilities averaged (1 = no ensemble)",
+                                       check="positive")
+    position_swap: bool = setting(library_default(FeedbackConfig, "position_swap"),
+                                  "score both orders of the answers and average (removes the letter bias)")
+    chain_of_thought: bool = setting(library_default(FeedbackConfig, "chain_of_thought"),
+                                     "the feedback model reasons first, then the options are scored")
+    clamp_low: float = setting(library_default(FeedbackConfig, "clamp_low"),
+                               "chain-of-thought probabilities are clamped to [clamp_low, clamp_high]",
+                               check="probability")
+    clamp_high: float = setting(library_default(FeedbackConfig, "clamp_high"), "see clamp_low", check="probability")
+    chat_template: bool = setting(library_default(FeedbackConfig, "chat_template"),
+                                  "wrap the question in the feedback model's chat template (raw text otherwise)")
+    batch_pairs: int = setting(library_default(FeedbackConfig, "batch_pairs"),
+                               "pairs per scoring call (and per fsync of the output)", check="positive")
+    kv_cache_mb: int = setting(512, "the sampler's KV cache", check="positive")
 
 
 @dataclass(slots=True)
@@ -120,7 +178,8 @@ class SFTSection:
 class RLSection:
     algorithm: str = setting("ppo", "ppo (value model, GAE, clipped surrogate) or rloo (leave-one-out baseline)",
                              choices=("ppo", "rloo"))
-    prompts: str = setting("", "prompts JSONL ({prompt} or {messages} per line)")
+    prompts: str = setting("", "prompts JSONL; empty = the built-in train split")
+    limit: int = setting(0, "only the first N prompts (0 = all)", check="non_negative")
     policy: str = setting("", "policy and frozen reference (empty = <run.dir>/sft/final, else model.name)")
     reward_model: str = setting("", "preference model (empty = <run.dir>/pm/final)")
     value_model: str = setting("critic", "PPO's value model: a separate critic initialised from the PM, or a "
@@ -163,7 +222,9 @@ class RunConfig:
     precision: PrecisionSection = field(default_factory=PrecisionSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    critique: CritiqueSection = field(default_factory=CritiqueSection)
     sft: SFTSection = field(default_factory=SFTSection)
+    feedback: FeedbackSection = field(default_factory=FeedbackSection)
     pm: PMSection = field(default_factory=PMSection)
     rl: RLSection = field(default_factory=RLSection)
 

@@ -7,6 +7,7 @@ resume) is the shared one in `loop.py`.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,17 +116,18 @@ def resume_key(config: RunConfig) -> dict:
 
 
 def check_inputs(settings: PMSection) -> None:
-    if not settings.data:
-        raise ConfigError("pm.data: a comparisons JSONL file is required (--data FILE or --set pm.data=FILE)")
     for key in ("data", "eval_data"):
         path = getattr(settings, key)
         if path and not Path(path).is_file():
-            raise ConfigError(f"pm.{key} = {path!r}: file not found")
+            raise ConfigError(f"pm.{key} = {path!r}: file not found"
+                              + (" (run the feedback stage first, or give --data FILE)" if key == "data" else ""))
 
 
 def train_pm(config: RunConfig, *, allow_config_change: bool = False, log: Callable[[str], None] = print,
              progress: bool = True) -> TrainSummary:
     settings = config.pm
+    if not settings.data:  # the feedback stage's output
+        settings = dataclasses.replace(settings, data=str(Path(config.run.dir) / "feedback" / "comparisons.jsonl"))
     check_inputs(settings)
     device = resolve_device(config.run.device)
     precision = resolve_precision(config.precision.mode, device)

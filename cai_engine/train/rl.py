@@ -23,9 +23,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..cai.critique import render_conversation
 from ..data.comparisons import DataError
+from ..data.prompts import Prompt, load_prompts
 from ..engine import LLM, SamplingParams
-from ..io import read_jsonl
 from ..model.decoder import Transformer
 from ..model.heads import RewardModel
 from ..model.loading import load_model, save_model
@@ -36,7 +37,7 @@ from .loop import (LoopSettings, MicroBatchResult, TrainSummary, TrainTask, epoc
                    seed_everything)
 from .precision import Precision, resolve_device, resolve_precision
 
-RewardFn = Callable[[list[list[int]], list[list[int]]], Tensor]   # (prompts, answers) -> [S] scores
+RewardFn = Callable[[list[int], list[list[int]]], Tensor]   # (prompt indices, answer token ids) -> [S] scores
 
 
 class ActorCritic(nn.Module):
@@ -124,33 +125,27 @@ def request_seed(seed: int, step: int, prompt_index: int) -> int:
     return int.from_bytes(digest[:7], "little")
 
 
-def reward_model_scores(reward_model: RewardModel, pad_id: int, precision: Precision, device) -> RewardFn:
+def reward_model_scores(reward_model: RewardModel, tokenizer: Tokenizer, prompts: Sequence[Prompt],
+                        precision: Precision, device) -> RewardFn:
+    """PM scores of answers, reading each conversation as the PM was trained on it (the feedback stage's
+    "\n\nHuman: ...\n\nAssistant:" text, then the answer ending in EOS)."""
     from ..model.heads import pack_separate
+    texts = [tokenizer.encode(render_conversation(p.context, p.text, "").rstrip()) for p in prompts]
+    eos, pad = tokenizer.eos_id, tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
     @torch.no_grad()
-    def score(prompts: list[list[int]], answers: list[list[int]]) -> Tensor:
-        batch = pack_separate([(p, [a]) for p, a in zip(prompts, answers)], pad_id)
+    def score(indices: list[int], answers: list[list[int]]) -> Tensor:
+        ended = [a if (eos is None or (a and a[-1] == eos)) else a + [eos] for a in answers]
+        batch = pack_separate([(texts[i], [a]) for i, a in zip(indices, ended)], pad)
         with precision.autocast(device):
             return reward_model(batch.to(device)).float().cpu()
     return score
 
 
-def load_prompts(path: str | Path, tokenizer: Tokenizer, max_prompt_tokens: int) -> list[list[int]]:
-    """`prompt` text or `messages` per line, rendered with the chat template."""
-    out = []
-    for lineno, record in enumerate(read_jsonl(path), start=1):
-        if isinstance(record.get("messages"), list):
-            messages = record["messages"]
-        elif isinstance(record.get("prompt"), str):
-            messages = [{"role": "user", "content": record["prompt"]}]
-        else:
-            raise DataError(f"{path}: record {lineno}: expected 'prompt' (string) or 'messages'")
-        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
-                               add_special_tokens=False)
-        out.append(ids[-max_prompt_tokens:])
-    if not out:
-        raise DataError(f"{path}: no prompts")
-    return out
+def encode_prompts(prompts: Sequence[Prompt], tokenizer: Tokenizer, max_prompt_tokens: int) -> list[list[int]]:
+    """The policy's view of each prompt: its chat template, ending where the answer starts."""
+    return [tokenizer.encode(tokenizer.apply_chat_template(p.messages(), add_generation_prompt=True),
+                             add_special_tokens=False)[-max_prompt_tokens:] for p in prompts]
 
 
 @dataclass(slots=True)
@@ -190,7 +185,7 @@ class RLTrainer:
         outputs = self.llm.generate([self.prompts[i] for i in prompt_indices], params, progress=False)
         self.llm.sleep()  # KV memory back to the trainer for the backward passes
         generation_s = time.perf_counter() - tick
-        prompts, answers, sampler_logp, groups = [], [], [], []
+        prompts, answers, sampler_logp, groups, owners = [], [], [], [], []
         for g, out in enumerate(outputs):
             if out.error:
                 raise DataError(f"rollout prompt {prompt_indices[g]}: {out.error}")
@@ -200,6 +195,7 @@ class RLTrainer:
                 answers.append(answer)
                 sampler_logp.append(list(c.processed_logprobs) or [0.0])
                 groups.append(g)
+                owners.append(prompt_indices[g])
         batch = sequences(prompts, answers, self.pad_id)
         mask = batch["answer_mask"]
         sampled = torch.zeros(mask.shape).masked_scatter(mask, torch.tensor([x for row in sampler_logp for x in row]))
@@ -218,7 +214,7 @@ class RLTrainer:
                 mask, full_kl(h, w, rh, rw, temperature=s.temperature))
         else:
             kl = kl_penalty(old_logp, ref_logp, s.kl_estimator) * mask
-        scores = self.reward(prompts, answers).to(self.device)
+        scores = self.reward(owners, answers).to(self.device)
         if s.whiten_rewards:
             scores = (scores - scores.mean()) / (scores.std() + 1e-8) if scores.numel() > 1 else scores
         last = mask.long().cumsum(1).argmax(1)  # the last answer position of every row
@@ -323,9 +319,7 @@ def train_rl(config: RunConfig, *, reward: RewardFn | None = None, allow_config_
     pm_path = s.reward_model or str(run_dir / "pm" / "final")
     if reward is None and not Path(pm_path).is_dir():
         raise ConfigError(f"rl.reward_model = {pm_path!r}: not found (train the PM stage first, or set it)")
-    if not s.prompts:
-        raise ConfigError("rl.prompts: a JSONL file of prompts is required (--prompts FILE)")
-    if not Path(s.prompts).is_file():
+    if s.prompts and not Path(s.prompts).is_file():
         raise ConfigError(f"rl.prompts = {s.prompts!r}: file not found")
     if s.algorithm == "rloo" and s.samples_per_prompt < 2:
         raise ConfigError("rl.samples_per_prompt must be >= 2 for RLOO (the leave-one-out baseline)")
@@ -354,17 +348,19 @@ def train_rl(config: RunConfig, *, reward: RewardFn | None = None, allow_config_
         value_head = nn.Linear(policy.config.hidden_size, 1, device=device)
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
+    prompts = load_prompts(s.prompts, split="train")
+    prompts = prompts[:s.limit] if s.limit else prompts
     if reward is None:
         log(f"loading reward model {pm_path} ...")
         reward_model, _ = RewardModel.load(pm_path, dtype=torch.float32, device=device)
         reward_model.requires_grad_(False).eval()
         if precision.mode == "bf16-mixed":
             reward_model = reward_model.to(torch.bfloat16)
-        reward = reward_model_scores(reward_model, pad, precision, device)
-    prompts = load_prompts(s.prompts, tokenizer, s.max_prompt_tokens)
+        reward = reward_model_scores(reward_model, tokenizer, prompts, precision, device)
     model = ActorCritic(policy, critic, value_head)
     llm = LLM(policy, tokenizer, dtype=precision.compute_dtype, kv_cache_bytes=s.kv_cache_mb << 20)
-    trainer = RLTrainer(s, model, reference, llm, reward, prompts, precision, device, config.run.seed, pad,
+    trainer = RLTrainer(s, model, reference, llm, reward, encode_prompts(prompts, tokenizer, s.max_prompt_tokens),
+                        precision, device, config.run.seed, pad,
                         tokenizer.eos_id, beta=s.kl_coef)
     log(f"{len(prompts)} prompts; {s.algorithm}: {s.prompts_per_batch} prompts x {s.samples_per_prompt} samples "
         f"per rollout, {trainer.updates_per_batch} optimizer step(s) per rollout")

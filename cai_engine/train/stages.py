@@ -1,0 +1,161 @@
+"""The stage runner: each stage of the pipeline as one function of the resolved run config.
+
+critique -> sft -> feedback -> pm -> rl, each writing `<run.dir>/<stage>/` and reading only the files the
+stages before it wrote (see PIPELINE.md). The training stages run on the trainer loop; the generation
+stages (critique, feedback) append whole records to JSONL and resume after the last one. A stage folder
+made with another config is refused, naming the keys, unless the change is allowed on purpose.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..cai import Constitution, CritiqueConfig, run_critique
+from ..cai.critique import render_conversation
+from ..cai.feedback import FeedbackConfig, label_pairs
+from ..cai.multiple_choice import fast_dtype
+from ..data.prompts import Prompt, load_prompts
+from ..engine import LLM, SamplingParams
+from ..io import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from ..model.loading import load_model
+from .config import ConfigError, RunConfig, diff
+from .precision import resolve_device
+
+STAGES = ("critique", "sft", "feedback", "pm", "rl")
+
+
+def stage_prompts(path: str, limit: int) -> list[Prompt]:
+    prompts = load_prompts(path, split="train")
+    return prompts[:limit] if limit else prompts
+
+
+def hh_prompt(prompt: Prompt) -> str:
+    """The conversation as the feedback model and the PM read it: "\\n\\nHuman: ...\\n\\nAssistant:"."""
+    return render_conversation(prompt.context, prompt.text, "").rstrip()
+
+
+def check_stage_config(stage_dir: Path, key: dict[str, Any], allow_change: bool, log) -> None:
+    """A generation stage remembers the config its records were made with; another one is refused."""
+    path = stage_dir / "stage.json"
+    if path.is_file():
+        changed = diff(read_json(path)["config"], key)
+        if changed and not allow_change:
+            raise ConfigError(f"{stage_dir} was made with another config: {'; '.join(changed)}. Use another run "
+                              "folder, or --resume-with-new-config to go on with the new values on purpose")
+        if changed:
+            log(f"{stage_dir}: continuing with a changed config (on purpose): {'; '.join(changed)}")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"config": key})
+
+
+def run_critique_stage(config: RunConfig, *, allow_config_change: bool, log: Callable[[str], None]) -> str:
+    s = config.critique
+    stage_dir = Path(config.run.dir) / "critique"
+    key = {"model": config.section("model"), "critique": config.section("critique"), "run": {"seed": config.run.seed}}
+    check_stage_config(stage_dir, key, allow_config_change, log)
+    constitution = Constitution.load(s.constitution)
+    prompts = stage_prompts(s.prompts, s.limit)
+    device = resolve_device(config.run.device)
+    log(f"critique: {len(prompts)} prompts, {s.rounds} rounds, constitution {constitution.source or 'ours'}; "
+        f"loading {config.model.name} ...")
+    model, tokenizer = load_model(config.model.name, dtype=torch.float32, device=device)
+    llm = LLM(model, tokenizer, dtype=fast_dtype(device), kv_cache_bytes=s.kv_cache_mb << 20)
+    settings = CritiqueConfig(rounds=s.rounds, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                              top_p=s.top_p, seed=config.run.seed, limit=0, revise_only=s.revise_only,
+                              few_shot=s.few_shot, batch_size=s.batch_size)
+    out = stage_dir / "revisions.jsonl"
+    stats = run_critique(llm, tokenizer, constitution, prompts, settings, out,
+                         log=lambda m: log(f"critique: {m['prompts_done']}/{m['prompts_total']} prompts, "
+                                           f"prefix-cache hit rate {m['prefix_hit_rate']:.0%}"),
+                         model_name=config.model.name)
+    return (f"critique: {stats.prompts} prompts done ({stats.skipped} already there), prefix-cache hit rate "
+            f"{stats.prefix_hit_rate:.0%}; records at {out}")
+
+
+def sample_pairs(config: RunConfig, prompts: list[Prompt], log) -> list[tuple[str, str, str]]:
+    """Two answers per prompt from the SL-CAI model (sharing the prompt's KV blocks), seeded per prompt."""
+    s = config.feedback
+    run_dir = Path(config.run.dir)
+    path = run_dir / "feedback" / "pairs.jsonl"
+    done = read_jsonl(path)
+    if len(done) == len(prompts) and [d["prompt"] for d in done] == [hh_prompt(p) for p in prompts]:
+        return [(d["prompt"], d["responses"][0], d["responses"][1]) for d in done]
+    policy = s.policy or (str(run_dir / "sft" / "final") if (run_dir / "sft" / "final").is_dir() else config.model.name)
+    device = resolve_device(config.run.device)
+    log(f"feedback: sampling 2 answers to each of {len(prompts)} prompts from {policy} ...")
+    model, tokenizer = load_model(policy, dtype=torch.float32, device=device)
+    llm = LLM(model, tokenizer, dtype=fast_dtype(device), kv_cache_bytes=s.kv_cache_mb << 20)
+    params = [SamplingParams(n=2, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                             seed=int.from_bytes(hashlib.sha256(f"{config.run.seed}/{p.id}".encode()).digest()[:7],
+                                                 "little")) for p in prompts]
+    outputs = llm.generate([p.messages() for p in prompts], params)
+    pairs, lines = [], []
+    for p, out in zip(prompts, outputs):
+        if out.error:
+            raise ConfigError(f"feedback: prompt {p.id!r}: {out.error}")
+        answers = [c.text.strip() or "(no answer)" for c in out.outputs]
+        pairs.append((hh_prompt(p), answers[0], answers[1]))
+        lines.append({"id": p.id, "prompt": pairs[-1][0], "responses": answers})
+    atomic_write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    del llm, model
+    return pairs
+
+
+def run_feedback_stage(config: RunConfig, *, allow_config_change: bool, log: Callable[[str], None],
+                       progress: bool) -> str:
+    s = config.feedback
+    stage_dir = Path(config.run.dir) / "feedback"
+    key = {"model": config.section("model"), "feedback": config.section("feedback"),
+           "critique": {"constitution": config.critique.constitution}, "run": {"seed": config.run.seed}}
+    check_stage_config(stage_dir, key, allow_config_change, log)
+    constitution = Constitution.load(config.critique.constitution)
+    prompts = stage_prompts(s.prompts, s.limit)
+    pairs = sample_pairs(config, prompts, log)
+    judge = s.feedback_model or config.model.name
+    device = resolve_device(config.run.device)
+    log(f"feedback: judging {len(pairs)} pairs with {judge} ({s.principles_per_pair} principles each"
+        + (", both orders" if s.position_swap else "") + ")")
+    model, tokenizer = load_model(judge, dtype=fast_dtype(device), device=device)
+    principles = [(p.id, p.instruction) for p in constitution.comparison_principles]
+    few_shot = "".join(e.prompt + e.corrects[0] + "\n\n" for e in constitution.comparison_few_shot)
+    settings = FeedbackConfig(principles_per_pair=s.principles_per_pair, position_swap=s.position_swap,
+                              chain_of_thought=s.chain_of_thought, clamp_low=s.clamp_low, clamp_high=s.clamp_high,
+                              chat_template=s.chat_template, seed=config.run.seed, batch_pairs=s.batch_pairs)
+    out = stage_dir / "comparisons.jsonl"
+    result = label_pairs(model, tokenizer, pairs, principles, few_shot, out, settings, progress=progress)
+    return f"feedback: {result['written']} pairs labelled ({result['skipped']} already there); comparisons at {out}"
+
+
+def run_stage(stage: str, config: RunConfig, *, allow_config_change: bool, progress: bool,
+              log: Callable[[str], None]) -> str:
+    if stage == "critique":
+        return run_critique_stage(config, allow_config_change=allow_config_change, log=log)
+    if stage == "feedback":
+        return run_feedback_stage(config, allow_config_change=allow_config_change, log=log, progress=progress)
+    if stage == "sft":
+        from .sft import train_sft
+        summary = train_sft(config, allow_config_change=allow_config_change, progress=progress, log=log)
+        if summary.already_finished:
+            return f"sft: already finished; model at {summary.final}"
+        last = summary.history[-1] if summary.history else {}
+        return (f"sft: {summary.steps} steps in {summary.seconds:.1f}s"
+                + (f", held-out loss {last['loss']:.4f}" if last else "") + f"; model at {summary.final}")
+    if stage == "pm":
+        from .pm import train_pm
+        summary = train_pm(config, allow_config_change=allow_config_change, progress=progress, log=log)
+        if summary.already_finished:
+            return f"pm: already finished; model at {summary.final}"
+        last = summary.history[-1] if summary.history else {}
+        scores = f", eval accuracy {last['accuracy']:.3f}, ECE {last['ece']:.3f}" if last else ""
+        return f"pm: {summary.steps} steps in {summary.seconds:.1f}s{scores}; model at {summary.final}"
+    if stage == "rl":
+        from .rl import train_rl
+        summary = train_rl(config, allow_config_change=allow_config_change, progress=progress, log=log)
+        if summary.already_finished:
+            return f"rl: already finished; policy at {summary.final}"
+        return f"rl: {summary.steps} optimizer steps in {summary.seconds:.1f}s; policy at {summary.final}"
+    raise ConfigError(f"unknown stage {stage!r}: expected one of {', '.join(STAGES)}")
