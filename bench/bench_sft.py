@@ -1,0 +1,136 @@
+"""SFT on the embedded default: our trainer (bf16-mixed) against TRL's SFTTrainer (bf16) on the same data.
+
+Same model (SmolLM2-135M-Instruct), same examples (chat prompts of about 200 tokens, answers of about 100,
+loss on the answer only), same examples per optimizer step (8), both bf16 on this CPU. We pack examples into
+rows of 1024 tokens with segment ids; TRL pads each batch (`packing=False`, its completion-only loss).
+Throughput counts real (non-padding) tokens. Every variant runs in its own process: the median step time
+after warm-up steps and the process's peak RSS. Run: `python bench/bench_sft.py [--steps N --warmup N]`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_line  # noqa: E402
+
+PROMPT_WORDS, ANSWER_WORDS, EXAMPLES_PER_STEP = 200, 100, 8
+
+
+def make_data(path: Path, n: int, seed: int = 0) -> None:
+    from cai_engine import load_model
+    _, tok = load_model("smollm2-135m-instruct")
+    rnd = random.Random(seed)
+    words = [w for w in (tok.decode([i]) for i in range(2000, 12000)) if w.startswith(" ") and w[1:].isalpha()]
+    text = lambda k: "".join(rnd.choice(words) for _ in range(k)).strip()
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"b{i}", "prompt": text(PROMPT_WORDS), "final": text(ANSWER_WORDS),
+                                "flags": {}}) + "\n")
+
+
+def run_ours(data: Path, warmup: int, out: Path) -> dict:
+    from cai_engine.train.config import resolve
+    from cai_engine.train.sft import train_sft
+    config = resolve(overrides=[f"sft.data={data}", f"run.dir={out}", "sft.eval_fraction=0", "sft.max_seq_len=1024",
+                                "sft.batch_rows=3", "sft.lr=1e-5", "checkpoint.keep=1", "precision.mode=bf16-mixed"])
+    train_sft(config, log=lambda _: None, progress=False)
+    records = [json.loads(line) for line in open(out / "sft" / "metrics.jsonl")]
+    measured = records[warmup:]
+    return {"step_s": statistics.median(r["seconds"] for r in measured),
+            "examples_per_step": statistics.median(r["examples"] for r in measured),
+            "peak_rss_mib": measured[-1]["peak_memory_mb"], "steps": len(records)}
+
+
+def run_trl(data: Path, warmup: int, steps: int, out: Path) -> dict:
+    import torch
+    import transformers
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from cai_engine import load_model, save_model
+
+    ours, tok = load_model("smollm2-135m-instruct")
+    save_model(ours, tok, out / "hf")
+    del ours
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "completion": [{"role": "assistant", "content": r["final"]}]} for r in map(json.loads, open(data))]
+    times: list[float] = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.start)
+
+    config = SFTConfig(output_dir=str(out / "trl"), per_device_train_batch_size=EXAMPLES_PER_STEP,
+                       max_steps=warmup + steps, bf16=True, use_cpu=True, learning_rate=1e-5, save_strategy="no",
+                       report_to=[], logging_steps=1000, max_length=1024, packing=False, disable_tqdm=True, seed=0,
+                       dataloader_num_workers=0)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         callbacks=[Timer()])
+    trainer.train()
+    return {"step_s": statistics.median(times[warmup:]), "examples_per_step": EXAMPLES_PER_STEP,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps": len(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        out = Path(args.out)
+        result = run_trl(Path(args.data), args.warmup, args.steps, out) if args.variant == "trl" else \
+            run_ours(Path(args.data), args.warmup, out)
+        print(json.dumps(result))
+        return
+    print(f"# SFT: {machine_line('cpu')}; about {PROMPT_WORDS}-token prompts and {ANSWER_WORDS}-token answers; "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "revisions.jsonl"
+        n = EXAMPLES_PER_STEP * (args.steps + args.warmup)
+        make_data(data, n)
+        from cai_engine import load_model
+        _, tok = load_model("smollm2-135m-instruct")
+        real_tokens = 0
+        for r in map(json.loads, open(data)):
+            text = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
+            real_tokens += len(tok.encode(text, add_special_tokens=False)) + len(tok.encode(r["final"])) + 1
+        per_example = real_tokens / n
+        results = {}
+        for variant in ("ours", "trl"):
+            proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--data", str(data), "--out",
+                                   str(Path(tmp) / variant), "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                                  capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            if proc.returncode:
+                print(f"{variant} failed: {proc.stderr.strip().splitlines()[-1]}")
+                continue
+            results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("| trainer | s/step | examples/step | real tokens/s | peak RSS MiB | tokens/s vs TRL | memory vs TRL |")
+    print("|---|---|---|---|---|---|---|")
+    rate = lambda r: r["examples_per_step"] * per_example / r["step_s"]
+    for variant, r in results.items():
+        name = {"ours": "cai_engine bf16-mixed (packed)", "trl": "TRL SFTTrainer bf16 (padded)"}[variant]
+        vs = f"{rate(r) / rate(results['trl']):.2f}x" if "trl" in results else "-"
+        mem = f"{r['peak_rss_mib'] / results['trl']['peak_rss_mib']:.2f}x" if "trl" in results else "-"
+        print(f"| {name} | {r['step_s']:.2f} | {r['examples_per_step']:.0f} | {rate(r):.0f} | {r['peak_rss_mib']:.0f} | "
+              f"{vs} | {mem} |")
+
+
+if __name__ == "__main__":
+    main()
