@@ -17,7 +17,7 @@ from cai_engine import save_model
 from cai_engine.io import read_jsonl
 from cai_engine.ops import token_logprobs
 from cai_engine.train.__main__ import main as train_main
-from cai_engine.train.config import ConfigError, RunConfig, load_toml, resolve, to_toml
+from cai_engine.train.config import ConfigError, load_toml, resolve, to_toml
 from cai_engine.train.config import CheckpointSection, OptimizerSection
 from cai_engine.train.loop import LoopSettings, MicroBatchResult, TrainTask, run_training
 from cai_engine.train.precision import Precision

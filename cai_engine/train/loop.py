@@ -23,10 +23,10 @@ import torch
 
 from ..io import append_jsonl, atomic_write_json, read_json, read_jsonl
 from . import checkpoints as ckpt
-from .config import CheckpointSection, OptimizerSection, diff
+from .config import CheckpointSection, OptimizerSection, RunConfig, diff
 from .distributed import all_reduce_sum, barrier, is_main, rank, world_size, wrap_ddp
 from .optim import lr_factor, make_optimizer
-from .precision import Precision
+from .precision import Precision, resolve_device, resolve_precision
 
 
 class TrainingError(RuntimeError):
@@ -85,6 +85,21 @@ class LoopSettings:
     config: dict[str, Any]              # the resolved config this stage depends on (compared on resume)
     allow_config_change: bool = False   # resume even though `config` differs from the checkpoint's
     progress: bool = True
+    checked: bool = False               # preflight done (trainers call it before loading anything)
+
+
+def stage_settings(config: RunConfig, stage: str, *, allow_config_change: bool = False,
+                   progress: bool = True) -> LoopSettings:
+    """The loop settings of one training stage of a run: device and precision resolved, and the part of the
+    config its results depend on (model, precision, optimizer, the stage's section, the seed), which a
+    resume compares with the checkpoint's."""
+    device = resolve_device(config.run.device)
+    key = {"model": config.section("model"), "precision": config.section("precision"),
+           "optimizer": config.section("optimizer"), stage: config.section(stage), "seed": {"seed": config.run.seed}}
+    return LoopSettings(stage_dir=Path(config.run.dir) / stage, device=device,
+                        precision=resolve_precision(config.precision.mode, device), optimizer=config.optimizer,
+                        checkpoint=config.checkpoint, seed=config.run.seed, config=key,
+                        allow_config_change=allow_config_change, progress=progress)
 
 
 @dataclass(slots=True)
@@ -271,6 +286,9 @@ def preflight(settings: LoopSettings, log: Callable[[str], None] = print) -> Tra
     """What a trainer checks before it loads anything: leftovers of killed writes are removed; a stage that
     finished with this config is not run again (its summary is returned); a run folder made with another
     config is refused, naming the keys that differ, unless the change is allowed on purpose."""
+    if settings.checked:
+        return None
+    settings.checked = True
     stage_dir = settings.stage_dir
     if is_main():
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -281,12 +299,14 @@ def preflight(settings: LoopSettings, log: Callable[[str], None] = print) -> Tra
         last = ckpt.latest(stage_dir)
         if last is not None:
             _check_config(ckpt.read_state(last).get("config", {}), settings, f"checkpoint {last}", log)
+        log(f"precision: {settings.precision.mode} ({settings.precision.reason})")
         return None
     summary = read_json(summary_path)
     if not summary.get("finished"):
         return None
     _check_config(summary.get("config", {}), settings, f"finished run in {summary_path.parent}", log)
     if diff(summary.get("config", {}), settings.config):  # allowed on purpose: go on from the last checkpoint
+        log(f"precision: {settings.precision.mode} ({settings.precision.reason})")
         return None
     log(f"{summary_path.parent} already finished with this config ({summary['steps']} steps): nothing to do")
     return TrainSummary(summary["steps"], 0.0, final_dir, summary["history"], None, already_finished=True)

@@ -20,9 +20,9 @@ from ..model.heads import RewardModel, pack_separate, pack_shared
 from ..model.tokenizer import Tokenizer
 from ..ops import pairwise_pm_loss
 from .config import ConfigError, PMSection, RunConfig
-from .loop import (LoopSettings, MicroBatchResult, TrainSummary, TrainTask, preflight, run_training,
-                   seed_everything)
-from .precision import Precision, resolve_device, resolve_precision
+from .loop import (MicroBatchResult, TrainSummary, TrainTask, preflight, run_training,
+                   seed_everything, stage_settings)
+from .precision import Precision
 
 
 @dataclass(slots=True)
@@ -109,11 +109,6 @@ def split_eval(comparisons: list[Comparison], settings: PMSection, seed: int):
     return [c for i, c in enumerate(comparisons) if i not in held], [comparisons[i] for i in sorted(held)]
 
 
-def resume_key(config: RunConfig) -> dict:
-    """The part of the resolved config a PM run's results depend on (compared when resuming)."""
-    return {"model": config.section("model"), "precision": config.section("precision"),
-            "optimizer": config.section("optimizer"), "pm": config.section("pm"), "seed": {"seed": config.run.seed}}
-
 
 def check_inputs(settings: PMSection) -> None:
     for key in ("data", "eval_data"):
@@ -129,15 +124,11 @@ def train_pm(config: RunConfig, *, allow_config_change: bool = False, log: Calla
     if not settings.data:  # the feedback stage's output
         settings = dataclasses.replace(settings, data=str(Path(config.run.dir) / "feedback" / "comparisons.jsonl"))
     check_inputs(settings)
-    device = resolve_device(config.run.device)
-    precision = resolve_precision(config.precision.mode, device)
-    loop = LoopSettings(stage_dir=Path(config.run.dir) / "pm", device=device, precision=precision,
-                        optimizer=config.optimizer, checkpoint=config.checkpoint, seed=config.run.seed,
-                        config=resume_key(config), allow_config_change=allow_config_change, progress=progress)
+    loop = stage_settings(config, "pm", allow_config_change=allow_config_change, progress=progress)
+    device, precision = loop.device, loop.precision
     finished = preflight(loop, log)
     if finished is not None:
         return finished
-    log(f"precision: {precision.mode} ({precision.reason})")
     train_data, eval_data = split_eval(read_comparisons(settings.data), settings, config.run.seed)
     n_pairs = sum(len(c.pairs) for c in train_data)
     log(f"data: {settings.data}: {len(train_data)} train prompts ({n_pairs} pairs), {len(eval_data)} held out"

@@ -18,7 +18,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -33,9 +33,9 @@ from ..model.loading import load_model, save_model
 from ..model.tokenizer import Tokenizer
 from ..ops import full_kl, kl_penalty, token_logprobs
 from .config import ConfigError, RLSection, RunConfig
-from .loop import (LoopSettings, MicroBatchResult, TrainSummary, TrainTask, epoch_order, preflight, run_training,
-                   seed_everything)
-from .precision import Precision, resolve_device, resolve_precision
+from .loop import (MicroBatchResult, TrainSummary, TrainTask, epoch_order, preflight, run_training,
+                   seed_everything, stage_settings)
+from .precision import Precision
 
 RewardFn = Callable[[list[int], list[list[int]]], Tensor]   # (prompt indices, answer token ids) -> [S] scores
 
@@ -305,10 +305,6 @@ class RLTrainer:
         self.stats = {k[6:]: float(v) for k, v in extra.items() if k.startswith("stats.")} or None
 
 
-def resume_key(config: RunConfig) -> dict[str, Any]:
-    return {"model": config.section("model"), "precision": config.section("precision"),
-            "optimizer": config.section("optimizer"), "rl": config.section("rl"), "seed": {"seed": config.run.seed}}
-
 
 def train_rl(config: RunConfig, *, reward: RewardFn | None = None, allow_config_change: bool = False,
              log: Callable[[str], None] = print, progress: bool = True) -> TrainSummary:
@@ -323,15 +319,11 @@ def train_rl(config: RunConfig, *, reward: RewardFn | None = None, allow_config_
         raise ConfigError(f"rl.prompts = {s.prompts!r}: file not found")
     if s.algorithm == "rloo" and s.samples_per_prompt < 2:
         raise ConfigError("rl.samples_per_prompt must be >= 2 for RLOO (the leave-one-out baseline)")
-    device = resolve_device(config.run.device)
-    precision = resolve_precision(config.precision.mode, device)
-    loop = LoopSettings(stage_dir=run_dir / "rl", device=device, precision=precision, optimizer=config.optimizer,
-                        checkpoint=config.checkpoint, seed=config.run.seed, config=resume_key(config),
-                        allow_config_change=allow_config_change, progress=progress)
+    loop = stage_settings(config, "rl", allow_config_change=allow_config_change, progress=progress)
+    device, precision = loop.device, loop.precision
     finished = preflight(loop, log)
     if finished is not None:
         return finished
-    log(f"precision: {precision.mode} ({precision.reason})")
     log(f"loading policy {policy_path} ...")
     seed_everything(config.run.seed)
     policy, tokenizer = load_model(policy_path, dtype=torch.float32, device=device)

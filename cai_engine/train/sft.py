@@ -22,10 +22,10 @@ from ..io import read_jsonl
 from ..model.loading import load_model, save_model
 from ..model.tokenizer import Tokenizer
 from ..ops import token_logprobs
-from .config import ConfigError, RunConfig, SFTSection
-from .loop import (LoopSettings, MicroBatchResult, TrainSummary, TrainTask, preflight, run_training,
-                   seed_everything)
-from .precision import Precision, resolve_device, resolve_precision
+from .config import ConfigError, RunConfig
+from .loop import (MicroBatchResult, TrainSummary, TrainTask, preflight, run_training,
+                   seed_everything, stage_settings)
+from .precision import Precision
 
 
 @dataclass(slots=True)
@@ -144,10 +144,6 @@ def answer_logprobs(trained, head: torch.Tensor, batch: dict[str, torch.Tensor],
     return logprobs
 
 
-def resume_key(config: RunConfig) -> dict[str, Any]:
-    return {"model": config.section("model"), "precision": config.section("precision"),
-            "optimizer": config.section("optimizer"), "sft": config.section("sft"), "seed": {"seed": config.run.seed}}
-
 
 def default_revisions(config: RunConfig) -> Path:
     return Path(config.run.dir) / "critique" / "revisions.jsonl"
@@ -162,15 +158,11 @@ def train_sft(config: RunConfig, *, allow_config_change: bool = False, log: Call
                           "--data FILE)")
     if settings.helpful_data and not Path(settings.helpful_data).is_file():
         raise ConfigError(f"sft.helpful_data = {settings.helpful_data!r}: file not found")
-    device = resolve_device(config.run.device)
-    precision = resolve_precision(config.precision.mode, device)
-    loop = LoopSettings(stage_dir=Path(config.run.dir) / "sft", device=device, precision=precision,
-                        optimizer=config.optimizer, checkpoint=config.checkpoint, seed=config.run.seed,
-                        config=resume_key(config), allow_config_change=allow_config_change, progress=progress)
+    loop = stage_settings(config, "sft", allow_config_change=allow_config_change, progress=progress)
+    device, precision = loop.device, loop.precision
     finished = preflight(loop, log)
     if finished is not None:
         return finished
-    log(f"precision: {precision.mode} ({precision.reason})")
     examples, skipped = examples_from_revisions(data, targets=settings.targets, skip_flags=settings.skip_flags)
     helpful = examples_from_chat_file(settings.helpful_data) if settings.helpful_data else []
     log(f"data: {len(examples)} revision examples from {data} ({skipped} flagged records skipped)"
