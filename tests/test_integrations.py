@@ -297,3 +297,31 @@ def test_trl_dpo_trainer_matches_unpatched(tmp_path, spy):
     assert spy, "the patched DPO run never reached our op"
     assert len(reference) == 3 and reference[0] != reference[-1]
     assert patched == pytest.approx(reference, rel=TRL_RTOL, abs=1e-5)
+
+
+def test_trl_head_outputs_match_trl_kernel():
+    """Every output TRL's fused head can ask for, against TRL's own kernel, with a temperature and a logit scale."""
+    from trl.kernels import ChunkedLogProbFunction
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(37, 64, generator=g, requires_grad=True)
+    weight = (torch.randn(300, 64, generator=g) * 0.4).requires_grad_()
+    bias = torch.randn(300, generator=g).requires_grad_()
+    targets = torch.randint(0, 300, (37,), generator=g)
+    targets[:5] = (hidden[:5].detach() @ weight.detach().T + bias.detach()).argmax(-1)  # some top-1 hits
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    results = []
+    for fn in (ChunkedLogProbFunction, trl_head.FusedLogProbFunction):
+        got = fn.apply(hidden, weight, bias, targets, 0.8, 128, None, 1.3, outputs)
+        (got[0].sum() + 0.5 * got[1].sum()).backward()
+        results.append((got, [t.grad.clone() for t in (hidden, weight, bias)]))
+        for t in (hidden, weight, bias):
+            t.grad = None
+    (theirs, their_grads), (ours, our_grads) = results
+    assert bool(ours[4][:5].all())
+    for name, a, b in zip(outputs, ours, theirs):
+        if name == "is_top1":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
