@@ -27,11 +27,14 @@ def head_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets
                     outputs: tuple[str, ...]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(log_sum_sq_probs, mean_logits, is_top1) of softmax(inv_temp * (hidden @ weight^T + bias)), no gradient."""
     with torch.no_grad():
-        h, w = hidden.float(), weight.float()
-        b = None if bias is None else bias.float()
         mean_logits = None
         if "mean_logits" in outputs:  # mean over v of z_v is linear in h: one mat-vec, no vocabulary pass
-            mean_logits = (h @ w.mean(0) + (0.0 if b is None else b.mean())) * inv_temp
+            mean_logits = (hidden.float() @ weight.float().mean(0) + (0.0 if bias is None else bias.float().mean()))
+            mean_logits *= inv_temp
+        # The vocabulary pass runs in the operands' dtype, as TRL's tiles do (bf16 GEMMs on bf16 models).
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
         need_sq, need_top = "log_sum_sq_probs" in outputs, "is_top1" in outputs
         if not (need_sq or need_top):
             return None, mean_logits, None
@@ -44,6 +47,7 @@ def head_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets
             z = h[i:j] @ w.T
             if b is not None:
                 z += b
+            z = z.float()
             if need_top:  # argmax returns the first maximum, as TRL's strict "earlier max" test does
                 is_top1[i:j] = z.argmax(-1) == targets[i:j]
             if need_sq:  # log sum p^2 = logsumexp(2 z / T) - 2 logsumexp(z / T)
