@@ -164,6 +164,22 @@ def test_patch_transformers_applies_to_new_models_and_unpatches(spy):
     assert tiny_model("mistral")(**batch).logits is not None
 
 
+def test_patch_looks_through_a_wrapper(spy):
+    class Wrapper(torch.nn.Module):  # the shape of DDP / accelerate wrappers: the model under `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kwargs):
+            return self.module(**kwargs)
+
+    model, batch = tiny_model("llama"), padded_batch()
+    wrapped = integrations.patch(Wrapper(model))
+    assert wrapped(**batch).logits is None and spy
+    integrations.unpatch(wrapped)
+    assert wrapped(**batch).logits is not None
+
+
 def test_unsupported_model_is_refused():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="GPT2LMHeadModel: model_type 'gpt2' is not supported"):

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import token_logprobs
+from .scores import unwrap
 
 # model_type -> (module, class). These share one forward: decoder -> slice(logits_to_keep) -> lm_head -> ForCausalLMLoss.
 SUPPORTED = {
@@ -116,19 +117,23 @@ def _wrap(cls_forward: Callable) -> Callable:
 
 
 def patch(model: nn.Module) -> nn.Module:
-    """Route this model's training loss through the fused log-prob op; returns the model. Idempotent."""
-    check_supported(model)
-    if PATCHED in model.__dict__ or PATCHED in type(model).__dict__:
+    """Route this model's training loss through the fused log-prob op; returns the model. Idempotent.
+
+    A PEFT or DDP wrapper is looked through: the transformers model inside gets the fused forward."""
+    inner = unwrap(model)
+    check_supported(inner)
+    if PATCHED in inner.__dict__ or PATCHED in type(inner).__dict__:
         return model
-    original = model.forward
-    model.forward = types.MethodType(_wrap(type(model).forward), model)
-    setattr(model, PATCHED, original)
+    original = inner.forward
+    inner.forward = types.MethodType(_wrap(type(inner).forward), inner)
+    setattr(inner, PATCHED, original)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    if PATCHED in model.__dict__:
-        model.forward = model.__dict__.pop(PATCHED)
+    inner = unwrap(model)
+    if PATCHED in inner.__dict__:
+        inner.forward = inner.__dict__.pop(PATCHED)
     return model
 
 
