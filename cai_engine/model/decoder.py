@@ -125,7 +125,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         paged.cache.store(self.layer, paged.slots, k, v)
         out = paged_attention(q, paged.cache.k[self.layer], paged.cache.v[self.layer], paged.block_tables,
-                              paged.context_lens, paged.query_lens, plan=paged.plan)
+                              paged.context_lens, paged.query_lens, plan=paged.plan, new_kv=(k, v))
         return self.o_proj(out.view(1, T, -1))
 
     @staticmethod
