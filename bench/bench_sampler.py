@@ -1,11 +1,16 @@
 """Sampling-engine throughput against transformers' `generate` on the same weights, same run.
 
-    python bench/bench_sampler.py            # CPU, fp32, the embedded default
-    python bench/bench_sampler.py --gpu      # CUDA, bf16, adds a batch-256 run
+    python bench/bench_sampler.py                    # CPU, bf16 (both sides), the embedded default
+    python bench/bench_sampler.py --dtype float32    # the old fp32 comparison
+    python bench/bench_sampler.py --gpu              # CUDA, bf16, adds a batch-256 run
 
 Workloads: batch 1 greedy (64 new tokens); batch 8 and 32 sampled (T=1, top-p 0.9, 64-token prompts,
 64 new tokens); CAI-shaped: one ~1,500-token shared few-shot prefix + 32 different conversations,
 128 new tokens each (the peer has to re-encode the prefix for every conversation).
+
+Each workload also gets its GEMM floor: the time of every weight GEMM of the steps our engine ran for it
+(the projections at each step's token count, the LM head at each step's sequence count), measured
+alone at the same dtype, and our time as a multiple of that floor.
 """
 from __future__ import annotations
 
@@ -56,18 +61,46 @@ def hf_generate(hf, prompts, kw, device):
                     min_new_tokens=kw["max_tokens"], pad_token_id=0, **extra)
 
 
-def gemm_floor(model, batch: int, device, repeats: int = 5) -> float:
-    """Seconds per decode step spent in the weight GEMMs alone (every projection and the LM head, no
-    attention, no overhead): what any engine running these fp32 weights at this batch size must pay."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
-    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=device, dtype=w.dtype) for w in weights}
+def gemm_time(weights: list[torch.Tensor], rows: int, device, repeats: int = 3) -> float:
+    """Seconds for `rows` input rows through every weight in `weights` (one GEMM each), nothing else."""
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device=device, dtype=w.dtype) for w in weights}
 
-    def step():
+    def run():
         with torch.no_grad():
             for w in weights:
                 torch.nn.functional.linear(inputs[w.shape[1]], w)
 
-    return median_times({"floor": step}, repeats, device)["floor"]
+    return median_times({"gemm": run}, repeats, device)["gemm"]
+
+
+def step_shapes(llm, prompts, params) -> list[tuple[int, int]]:
+    """(tokens, sequences) of every step the engine runs for this job (one untimed run, recorded)."""
+    shapes, forward = [], llm.model.forward
+
+    def recording(*args, paged=None, **kwargs):
+        shapes.append((sum(paged.query_lens), len(paged.query_lens)))
+        return forward(*args, paged=paged, **kwargs)
+
+    llm.model.forward = recording
+    try:
+        llm.reset_prefix_cache()
+        llm.generate(prompts, params, progress=False)
+    finally:
+        del llm.model.forward
+    return shapes
+
+
+def gemm_floor(model, shapes: list[tuple[int, int]], device, cache: dict) -> float:
+    """Seconds of weight GEMMs in these steps: the layers' projections at each step's token count and the
+    LM head at its sequence count (an upper bound on the rows that sample: a mid-prefill chunk does not)."""
+    layers = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    total = 0.0
+    for weights, rows in [(layers, t) for t, _ in shapes] + [([model.lm_head], s) for _, s in shapes]:
+        key = (len(weights), rows)
+        if key not in cache:
+            cache[key] = gemm_time(weights, rows, device)
+        total += cache[key]
+    return total
 
 
 def main() -> None:
@@ -76,11 +109,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", nargs="*", help="workload names to run")
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = p.parse_args()
     device = "cuda" if args.gpu else "cpu"
-    dtype = torch.bfloat16 if args.gpu else torch.float32
+    dtype = getattr(torch, args.dtype)
     model, tok = load_model(DEFAULT_MODEL, device=device, dtype=dtype)
-    llm = LLM(model, tok, kv_cache_bytes=(8 << 30) if args.gpu else (1 << 30))
+    llm = LLM(model, tok, dtype=dtype, kv_cache_bytes=(8 << 30) if args.gpu else (1 << 30))
     hf = None
     if not args.no_peer:
         import transformers
@@ -88,7 +122,9 @@ def main() -> None:
         hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                dtype=dtype).to(device).eval()
     print(f"# sampling engine vs transformers generate, {DEFAULT_MODEL} {dtype} on {machine_line(device)}")
-    print("\n| workload | new tokens | cai_engine tok/s | transformers tok/s | speed-up |\n|---|---|---|---|---|")
+    print("\n| workload | new tokens | cai_engine tok/s | transformers tok/s | speed-up | GEMM floor s | ours / floor |"
+          "\n|---|---|---|---|---|---|---|")
+    floors: dict = {}
     for name, (prompts, kw) in workloads(tok, model.config.vocab_size, args.gpu).items():
         if args.only and name not in args.only:
             continue
@@ -106,11 +142,9 @@ def main() -> None:
         ours_tps = new_tokens / times["ours"]
         peer = f"{new_tokens / times['peer']:.1f}" if "peer" in times else "-"
         speed = f"{times['peer'] / times['ours']:.2f}x" if "peer" in times else "-"
-        print(f"| {name} | {new_tokens} | {ours_tps:.1f} | {peer} | {speed} |", flush=True)
-    for batch in (1, 32):
-        t = gemm_floor(model, batch, device)
-        print(f"\ndecode-step GEMM floor at batch {batch}: {t * 1e3:.1f} ms (at most {batch / t:.1f} tok/s from "
-              f"decode alone, whatever the engine)", end="")
+        floor = gemm_floor(llm.model, step_shapes(llm, prompts, params), device, floors)
+        print(f"| {name} | {new_tokens} | {ours_tps:.1f} | {peer} | {speed} | {floor:.3f} | "
+              f"{times['ours'] / floor:.2f}x |", flush=True)
     print(f"\nprefix-cache hit tokens {llm.blocks.hit_tokens} of {llm.blocks.queried_tokens} queried; "
           f"preemptions {llm.preemptions}")
 

@@ -16,6 +16,9 @@ PYBIND11_MODULE(_native, m) {
   m.def("top_p_threshold", &top_p_threshold, py::arg("probs"), py::arg("top_p"), py::arg("iterations") = 32,
         "Per row of probs [rows, V]: the largest t with sum(p[p >= t]) >= top_p[row], by bisection (keeping "
         "p >= t is the top-p nucleus).");
+  m.def("sample_rows", &sample_rows, py::arg("logprobs"), py::arg("uniforms"),
+        "One draw per row of exp(logprobs) [rows, V] by inverting its CDF at uniforms[row] (in [0, 1)): one pass "
+        "for the row's mass, a second that stops at the chunk the running mass passes; never a token of zero mass.");
   m.def("logprob_forward", &logprob_forward, py::arg("logits"), py::arg("labels"), py::arg("inv_temp"),
         py::arg("ignore_index"), py::arg("logp"), py::arg("lse"), py::arg("entropy") = py::none(),
         "Row statistics of softmax(logits * inv_temp): writes log p(label), log-sum-exp and (optionally) entropy.");

@@ -1,6 +1,7 @@
 // Row-wise log-sum-exp: the reduction every softmax-shaped op here is built on.
 #include "rowstats.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -92,6 +93,58 @@ f32_array top_p_threshold(f32_array probs, f32_array top_p, int iterations) {
       if (mass_at_least(p, n, mid) >= tp[r]) lo = mid; else hi = mid;
     }
     po[r] = lo;
+  }
+  return out;
+}
+
+namespace {
+
+CAI_MULTIVERSION float exp_sum(const float* x, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += exp_nonpositive(x[i]);
+  return s;
+}
+
+}  // namespace
+
+i64_array sample_rows(f32_array logprobs, f32_array uniforms) {
+  check_ndim(logprobs, 2, "logprobs");
+  check_ndim(uniforms, 1, "uniforms");
+  check_dim(uniforms, 0, logprobs.shape(0), "uniforms");
+  const int64_t rows = logprobs.shape(0), n = logprobs.shape(1);
+  i64_array out(rows);
+  const float *pl = logprobs.data(), *pu = uniforms.data();
+  int64_t* po = out.mutable_data();
+  py::gil_scoped_release nogil;
+  constexpr int64_t chunk = 256;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = pl + r * n;
+    // pass 1: the row's total mass (about 1; summed with the same exp as the scan, so the two agree)
+    float total = 0.f;
+    for (int64_t c = 0; c < n; c += chunk) total += exp_sum(x + c, std::min(chunk, n - c));
+    const float target = pu[r] * total;
+    // pass 2: the chunk where the running mass passes the target, then the token inside it
+    float run = 0.f;
+    int64_t pick = -1, last_positive = -1;
+    for (int64_t c = 0; c < n && pick < 0; c += chunk) {
+      const int64_t len = std::min(chunk, n - c);
+      const float s = exp_sum(x + c, len);
+      if (s > 0.f) {
+        for (int64_t i = c + len - 1; i >= c; --i)
+          if (x[i] > -87.f) { last_positive = i; break; }
+      }
+      if (run + s <= target) {
+        run += s;
+        continue;
+      }
+      for (int64_t i = c; i < c + len; ++i) {
+        run += exp_nonpositive(x[i]);
+        if (run > target && x[i] > -87.f) { pick = i; break; }
+      }
+    }
+    po[r] = pick >= 0 ? pick : last_positive;  // rounding left the target past the end: the last token with mass
   }
   return out;
 }

@@ -115,6 +115,13 @@ def test_prefill_chunk_over_cached_prefix_matches_dense():
                                rtol=1e-5)
     torch.testing.assert_close(got[5:].double(), dense_attention(q[5:], keys[1], values[1], 0.25), atol=1e-5,
                                rtol=1e-5)
+    # the step's own K/V rows handed over: the whole-context chunk (sequence 1) attends them directly
+    new_kv = (torch.cat([keys[0][8:], keys[1]]), torch.cat([values[0][8:], values[1]]))
+    again = paged_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(lengths), query_lens, new_kv=new_kv)
+    torch.testing.assert_close(again, got, atol=1e-6, rtol=1e-6)
+    wrong = (new_kv[0].flip(0), new_kv[1])       # handing over other rows shows: they are really read
+    assert not torch.allclose(paged_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(lengths), query_lens,
+                                              new_kv=wrong)[5:], got[5:])
 
 
 def test_bf16_cache_decode(monkeypatch):

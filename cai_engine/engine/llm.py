@@ -309,16 +309,20 @@ class LLM:
             return 0
         done = sorted({b for b, _ in ready})  # n > 1 samples share their parent's row
         # the LM head runs in the engine's dtype (fp32 accumulation); everything from the logits on is fp32
-        logits = (hidden[ends[done]] @ self.model.lm_head.T).float().cpu()
-        logits = logits[[done.index(b) for b, _ in ready]]
-        raw_logprobs = logits.log_softmax(-1)
+        # and stays on the model's device: only the drawn tokens and their two log-probs come back
+        logits = (hidden[ends[done]] @ self.model.lm_head.T).float()
+        if len(done) != len(ready):
+            logits = logits[torch.tensor([done.index(b) for b, _ in ready], device=logits.device)]
+        raw_lse = logits.logsumexp(-1)
         seqs = [s for _, s in ready]
         processed = process_logits(logits, [s.params for s in seqs],
                                    [s.tokens if s.params.repetition_penalty != 1.0 else [] for s in seqs],
                                    [s.out.token_ids for s in seqs], [self._banned(s) for s in seqs])
         tokens = sample(processed, [s.generator for s in seqs])
-        return sum(self._append(s, t, float(raw_logprobs[i, t]), float(processed[i, t]), running)
-                   for i, (s, t) in enumerate(zip(seqs, tokens)))
+        rows, picked = torch.arange(len(seqs), device=logits.device), torch.tensor(tokens, device=logits.device)
+        raw = (logits[rows, picked] - raw_lse).tolist()
+        chosen = processed[rows, picked].tolist()
+        return sum(self._append(s, t, raw[i], chosen[i], running) for i, (s, t) in enumerate(zip(seqs, tokens)))
 
     def _fork_children(self, seq: _Seq, results, running) -> list[_Seq]:
         self._reserved.pop(seq.id, None)  # the forks below take the blocks held back for them

@@ -107,7 +107,11 @@ def _top_p(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 def sample(logprobs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
     """One draw per row of exp(logprobs) [N, V] by inverting its CDF with a single uniform from that row's
     generator."""
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float32) for g in generators])
+    if logprobs.device.type == "cpu" and logprobs.dtype == torch.float32:
+        # native: two vectorised passes, the second stopping where the mass passes u (no [N, V] exp or cumsum)
+        from .. import _native
+        return _native.sample_rows(logprobs.contiguous().numpy(), u.numpy()).tolist()
     cdf = logprobs.exp().cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=g, dtype=cdf.dtype) for g in generators]).to(cdf.device)
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    picked = torch.searchsorted(cdf, (u.to(cdf.device, cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(1)
     return picked.clamp_max(cdf.shape[1] - 1).tolist()

@@ -139,7 +139,7 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, query_lens: list[int], scale: float | None = None,
-                    plan: dict | None = None) -> torch.Tensor:
+                    plan: dict | None = None, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of each sequence's newest `query_lens[b]` tokens over its whole cached context.
 
     q [sum(query_lens), H, D] (sequences concatenated); returns the same shape. Decoding sequences (one
@@ -147,6 +147,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (a few-shot prefix, n samples of a prompt) has those blocks scored once for the whole group (cascade);
     prefill chunks gather their blocks and run SDPA, causal within the new tokens, and chunks that all
     start past blocks they share score those once too. `plan` caches the step's metadata across layers.
+    new_kv: this step's K/V rows [T, n_kv, D] (already stored): a chunk that is its sequence's whole
+    context (a fresh prompt) attends them as they are instead of gathering them back from the blocks.
     """
     scale = scale if scale is not None else q.shape[2] ** -0.5
     plan = {} if plan is None else plan
@@ -165,8 +167,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                              [block_tables[b] for b in members], shared * k_cache.shape[1], scale)
         else:
             (start, n_q, n_ctx), = spans
+            kv = (new_kv[0][start:start + n_q], new_kv[1][start:start + n_q]) if new_kv and n_q == n_ctx else None
             out[start:start + n_q] = _prefill_attention(q[start:start + n_q], k_cache, v_cache,
-                                                        block_tables[members[0]], n_ctx, scale)
+                                                        block_tables[members[0]], n_ctx, scale, kv)
     return out
 
 
@@ -253,11 +256,13 @@ def _own_partial(q, k_cache, v_cache, block_table, first: int, n_ctx: int, scale
     return o.permute(2, 0, 1, 3).reshape(n_q, H, D), lse.permute(2, 0, 1).reshape(n_q, H)
 
 
-def _prefill_attention(q: torch.Tensor, k_cache, v_cache, block_table, n_ctx: int, scale: float) -> torch.Tensor:
-    """The last n_q = len(q) tokens of one sequence over its n_ctx cached tokens, causal among themselves."""
+def _prefill_attention(q: torch.Tensor, k_cache, v_cache, block_table, n_ctx: int, scale: float,
+                       kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The last n_q = len(q) tokens of one sequence over its n_ctx cached tokens (or `kv`, its whole
+    context as [n_ctx, n_kv, D] rows), causal among themselves."""
     n_q = q.shape[0]
-    k = gather_kv(k_cache, block_table, n_ctx).transpose(0, 1).to(q.dtype)   # [n_kv, ctx, D]
-    v = gather_kv(v_cache, block_table, n_ctx).transpose(0, 1).to(q.dtype)
+    k, v = kv if kv is not None else (gather_kv(k_cache, block_table, n_ctx), gather_kv(v_cache, block_table, n_ctx))
+    k, v = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)       # [n_kv, ctx, D]
     mask = None
     if n_q < n_ctx:  # new token i sits at position n_ctx - n_q + i and sees everything up to it
         mask = torch.ones(n_q, n_ctx, dtype=torch.bool, device=q.device).tril(n_ctx - n_q)
