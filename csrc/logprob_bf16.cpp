@@ -223,7 +223,6 @@ struct Head {
   int64_t V, d, Kp, Vp;
   Buffer<uint16_t> padded;      // [Vp, Kp] when d is not a multiple of 32
   Buffer<uint16_t> tail;        // the last, partial 32-row block [32, Kp]
-  Buffer<uint16_t> transposed;  // [Kp, Vp] for the backward
 
   Head(const uint16_t* w_, const float* b, int64_t V_, int64_t d_) : w(w_), bias(b), V(V_), d(d_) {
     Kp = round_up(d, kTile);
@@ -244,14 +243,17 @@ struct Head {
     return w + v0 * Kp;
   }
 
-  void build_transposed() {
-    transposed = zeroed<uint16_t>(Kp * Vp);
-    uint16_t* t = transposed.get();
-#pragma omp parallel for schedule(static)
-    for (int64_t v0 = 0; v0 < V; v0 += 64)
-      for (int64_t c0 = 0; c0 < d; c0 += 64)
-        for (int64_t c = c0; c < std::min(c0 + 64, d); ++c)
-          for (int64_t v = v0; v < std::min(v0 + 64, V); ++v) t[c * Vp + v] = w[v * d + c];
+  // W[v0 : v0 + rows]^T into t [Kp, rows] (zeros past V and d): the A operand of dh^T for one vocabulary
+  // block, built per block in the thread that uses it (hot in L2; no [d, V] copy of the head, and a
+  // 512-byte row stride where a full W^T would put every tile row on a different page).
+  void transpose_block(int64_t v0, int64_t rows, uint16_t* t) const {
+    std::memset(t, 0, Kp * rows * sizeof(uint16_t));
+    const int64_t nv = std::min(rows, V - v0);
+    for (int64_t c0 = 0; c0 < d; c0 += 32)
+      for (int64_t v = 0; v < nv; ++v) {
+        const uint16_t* src = w + (v0 + v) * d;
+        for (int64_t c = c0; c < std::min(c0 + 32, d); ++c) t[c * rows + v] = src[c];
+      }
   }
 
   float bias_at(int64_t v) const { return bias ? bias[v] : 0.f; }
@@ -552,31 +554,36 @@ template <class DzRow>
 CAI_AMX void backward_sweep(const uint16_t* h, int64_t N, Head& head, const uint16_t* rh, Head* ref, Grads out,
                             DzRow&& dz_row) {
   const int64_t V = head.V, d = head.d, Kp = head.Kp, Np = round_up(N, kTile);
-  if (out.dh) head.build_transposed();
   auto hk = pack_tokens_by_k(h, N, d, Np, Kp);
   Buffer<uint32_t> rk;
   if (ref) rk = pack_tokens_by_k(rh, N, ref->d, Np, ref->Kp);
   Buffer<uint16_t> hp;
   if (out.dw) hp = pack_tokens_by_pairs(h, N, d, Np, Kp);
   const int threads = max_threads();
+  // dh^T partials, one per thread, by token tile ([N / kBwdTokens][Kp][kBwdTokens]) so each tile's
+  // accumulators are one contiguous 64-byte-strided block: row strides of the whole [Kp, N] would touch a
+  // different page per row and thrash the TLB.
+  const int64_t Nb = round_up(N, kBwdTokens);
   std::vector<Buffer<float>> dht(threads);
   const int64_t blocks = (V + kBwdRows - 1) / kBwdRows;
 #pragma omp parallel num_threads(threads)
   {
     const int t = thread_id();
-    if (out.dh) dht[t] = zeroed<float>(Kp * Np);
+    if (out.dh) dht[t] = zeroed<float>(Kp * Nb);
     configure_tiles();
     auto zbuf = zeroed<float>(kBwdRows * kBwdTokens);
     auto rbuf = ref ? zeroed<float>(kBwdRows * kBwdTokens) : Buffer<float>();
     auto dz_plain = zeroed<uint16_t>(kBwdRows * kBwdTokens);  // [v][n]
     auto dz_pairs = zeroed<uint16_t>(kBwdRows * kBwdTokens);  // [v/2][n][2]: B operand of dh^T
     auto dw_acc = zeroed<float>(kBwdRows * Kp);
+    auto w_t = out.dh ? zeroed<uint16_t>(Kp * kBwdRows) : Buffer<uint16_t>();
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                                 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t v0 = blk * kBwdRows, nv = std::min(kBwdRows, V - v0), nvp = round_up(nv, kTile);
       std::memset(dw_acc.get(), 0, kBwdRows * Kp * sizeof(float));
+      if (out.dh) head.transpose_block(v0, kBwdRows, w_t.get());
       float db_rows[kBwdRows] = {};
       for (int64_t n0 = 0; n0 < N; n0 += kBwdTokens) {
         const int64_t nnp = round_up(std::min(kBwdTokens, N - n0), kTile);
@@ -616,9 +623,9 @@ CAI_AMX void backward_sweep(const uint16_t* h, int64_t N, Head& head, const uint
         if (out.dh)  // dh^T[c, n] += sum_v W^T[c, v] dz[v, n]
           for (int64_t ci = 0; ci < Kp; ci += kTile)
             for (int64_t ni = 0; ni < nnp; ni += kTile)
-              tile_2x2(head.transposed.get() + ci * head.Vp + v0, head.Vp * 2, 64, dz_pairs.get() + ni * 2, 64,
-                       kBwdTokens * 4, 16 * kBwdTokens * 4, nvp / kTile, dht[t].get() + ci * Np + n0 + ni, Np * 4,
-                       true);
+              tile_2x2(w_t.get() + ci * kBwdRows, kBwdRows * 2, 64, dz_pairs.get() + ni * 2, 64,
+                       kBwdTokens * 4, 16 * kBwdTokens * 4, nvp / kTile,
+                       dht[t].get() + n0 * Kp + ci * kBwdTokens + ni, kBwdTokens * 4, true);
       }
       if (out.dw)
         for (int64_t v = 0; v < nv; ++v)
@@ -634,7 +641,7 @@ CAI_AMX void backward_sweep(const uint16_t* h, int64_t N, Head& head, const uint
       for (int64_t c = 0; c < d; ++c) {
         float s = 0.f;
         for (int t = 0; t < threads; ++t)
-          if (dht[t]) s += dht[t][c * Np + n];
+          if (dht[t]) s += dht[t][(n / kBwdTokens) * kBwdTokens * Kp + c * kBwdTokens + n % kBwdTokens];
         out.dh[n * d + c] = float_to_bf16(s);
       }
   }
