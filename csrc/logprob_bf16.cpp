@@ -118,9 +118,18 @@ CAI_AMX void release_tiles() { _tile_release(); }
 // C[32 x 32] (+)= A[32 x 32k] . B[32k x 32]: A rows at `a` with stride lda (bytes), next 32 columns at +a_step;
 // B in pair-interleaved (VNNI) rows at `b` with stride ldb, its second 16 columns at +b_next, next 16 pair rows
 // at +b_step; C rows with stride ldc. All strides in bytes.
+// `prefetch` (optional): the next C block, requested while this one computes, since accumulators streamed
+// from L3 (the dh^T partials) would otherwise stall every tile load.
 CAI_AMX inline void tile_2x2(const void* a, int64_t lda, int64_t a_step, const void* b, int64_t b_next, int64_t ldb,
-                             int64_t b_step, int64_t ksteps, float* c, int64_t ldc, bool accumulate) {
+                             int64_t b_step, int64_t ksteps, float* c, int64_t ldc, bool accumulate,
+                             const float* prefetch = nullptr) {
   char* cp = reinterpret_cast<char*>(c);
+  if (prefetch)
+    for (int r = 0; r < 32; ++r) {
+      const char* line = reinterpret_cast<const char*>(prefetch) + r * ldc;
+      _mm_prefetch(line, _MM_HINT_T0);
+      _mm_prefetch(line + 64, _MM_HINT_T0);
+    }
   if (accumulate) {
     _tile_loadd(0, cp, ldc);
     _tile_loadd(1, cp + 64, ldc);
@@ -622,10 +631,13 @@ CAI_AMX void backward_sweep(const uint16_t* h, int64_t N, Head& head, const uint
                        64, Kp * 4, 16 * Kp * 4, nnp / kTile, dw_acc.get() + vi * Kp + ci, Kp * 4, true);
         if (out.dh)  // dh^T[c, n] += sum_v W^T[c, v] dz[v, n]
           for (int64_t ci = 0; ci < Kp; ci += kTile)
-            for (int64_t ni = 0; ni < nnp; ni += kTile)
+            for (int64_t ni = 0; ni < nnp; ni += kTile) {
+              float* c = dht[t].get() + n0 * Kp + ci * kBwdTokens + ni;
+              const bool last = ci + kTile >= Kp && ni + kTile >= nnp;
               tile_2x2(w_t.get() + ci * kBwdRows, kBwdRows * 2, 64, dz_pairs.get() + ni * 2, 64,
-                       kBwdTokens * 4, 16 * kBwdTokens * 4, nvp / kTile,
-                       dht[t].get() + n0 * Kp + ci * kBwdTokens + ni, kBwdTokens * 4, true);
+                       kBwdTokens * 4, 16 * kBwdTokens * 4, nvp / kTile, c, kBwdTokens * 4, true,
+                       last ? nullptr : ni + kTile < nnp ? c + kTile : c + kTile * kBwdTokens - ni);
+            }
       }
       if (out.dw)
         for (int64_t v = 0; v < nv; ++v)
