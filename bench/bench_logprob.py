@@ -4,25 +4,28 @@ and the GEMM floor, every variant timed in its own process.
     python bench/bench_logprob.py                     # CPU: N=4096, d=576, V=49152, bf16, 2 threads
     python bench/bench_logprob.py --dtype float32     # the same shape in fp32
     python bench/bench_logprob.py --gpu               # CUDA: N=8192, d=4096, V=128256, bf16 (+ Liger)
-Prints, per variant: median time over --rounds fresh processes (each the median of --repeats runs), peak
+Prints, per variant: median wall time over --rounds fresh processes (each the median of --repeats runs) and
+its CPU seconds (all threads: steadier than wall time on a shared machine), peak
 memory beyond the inputs (another fresh process), and the max |error| of its log-probs against float64
 computed on the same (bf16-rounded) inputs; ratios against cut-cross-entropy and the GEMM floor.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, measure_peak_here, median_times, peak_extra_memory, table  # noqa: E402
+from common import machine_line, measure_peak_here, peak_extra_memory, sync, table  # noqa: E402
 
 from cai_engine.ops import token_logprobs  # noqa: E402
 
@@ -119,7 +122,19 @@ def child(args, shape, device, dtype) -> None:
     name, mode = args.child
     backward = mode == "fwd+bwd"
     h, w, y = inputs(*shape, dtype, device, backward and name != FLOOR)
-    result = {"time": median_times({name: step_fn(name, h, w, y, backward)}, args.repeats, device)[name]}
+    step = step_fn(name, h, w, y, backward)
+    step()  # warm-up (compilation, allocator, thread pools)
+    wall, cpu = [], []
+    for _ in range(args.repeats):
+        gc.collect()
+        sync(device)
+        w0, c0 = time.perf_counter(), time.process_time()
+        step()
+        sync(device)
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    # CPU seconds (all threads) beside wall time: on a shared machine they move less with other load
+    result = {"time": statistics.median(wall), "cpu": statistics.median(cpu)}
     if name != FLOOR and args.reference:
         with torch.no_grad():
             logp = logprob_fns(h, w, y)[name]()[0]
@@ -180,6 +195,7 @@ def main() -> None:
         results = {}
         for mode in args.modes:
             times: dict[str, list[float]] = {k: [] for k in names}
+            cpu: dict[str, list[float]] = {k: [] for k in names}
             errs: dict[str, float] = {}
             for _ in range(args.rounds):
                 for name in names:  # round-robin over fresh processes, so machine noise hits all alike
@@ -191,6 +207,7 @@ def main() -> None:
                         continue
                     r = json.loads(out.stdout.strip().splitlines()[-1])
                     times[name].append(r["time"])
+                    cpu[name].append(r["cpu"])
                     if "err" in r:
                         errs[name] = r["err"]
             rows = {}
@@ -200,10 +217,12 @@ def main() -> None:
                 mem = None if name == FLOOR else peak_extra_memory(
                     __file__, common_args + ["--measure-memory", name, mode], variant_env(name))
                 rows[name] = {"time": statistics.median(times[name]), "times": times[name], "mem": mem,
-                              "err": errs.get(name)}
+                              "cpu": statistics.median(cpu[name]), "err": errs.get(name)}
             results[mode] = rows
             baselines = [b for b in (CCE, FLOOR, DENSE) if b in rows]
             print(table(f"{mode} (median of {args.rounds} processes x {args.repeats} runs)", rows, baselines))
+            print()
+            print("CPU seconds (all threads), median: " + ", ".join(f"{k}: {r['cpu']:.3f}" for k, r in rows.items()))
             print()
             print("max |log-prob error| vs float64 on the same inputs: " + ", ".join(
                 f"{k}: {r['err']:.2e}" for k, r in rows.items() if r["err"] is not None))
