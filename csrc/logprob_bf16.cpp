@@ -607,7 +607,8 @@ CAI_AMX void backward_sweep(const uint16_t* h, int64_t N, Head& head, const uint
               d1 = dz_row(zbuf.get() + (v + 1) * kBwdTokens + g,
                           ref ? rbuf.get() + (v + 1) * kBwdTokens + g : nullptr, v0 + v + 1, n0 + g);
             if (n0 + g + 16 > N) {  // padding tokens: zero, whatever their (bias-only) logits gave
-              const __mmask16 valid = __mmask16((1u << (N - n0 - g)) - 1);
+              const int64_t left = N - n0 - g;  // real tokens in these 16 lanes: 0 to 15
+              const __mmask16 valid = left > 0 ? __mmask16((1u << left) - 1) : 0;
               d0 = _mm512_maskz_mov_ps(valid, d0);
               d1 = _mm512_maskz_mov_ps(valid, d1);
             }

@@ -230,6 +230,15 @@ def test_bf16_rows_where_every_logit_is_very_negative(bf16_path):
     check_bf16(h, w, b, y)
 
 
+def test_bf16_large_positive_bias_with_padded_tokens(bf16_path):
+    # N = 37 leaves padding lanes in the last 32-token tile; their logits are the bias alone, so a bias of
+    # +300 would give exp overflow there (and NaN gradients) if the padding were not masked out
+    h, w, _, y = make(37, 70, 24, dtype=torch.bfloat16, seed=12)
+    b = torch.zeros(70)
+    b[[3, 40]] = 300.0
+    check_bf16(h, w, b.to(torch.bfloat16).requires_grad_(), y)
+
+
 def test_bf16_frozen_head(bf16_path):
     h, w, _, y = make(19, 97, 33, dtype=torch.bfloat16, seed=10, ignore=(4,))
     w.requires_grad_(False)
