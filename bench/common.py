@@ -62,11 +62,11 @@ def measure_peak_here(setup: Callable[[], Callable[[], None]], device: str) -> i
     return (_rss_kib("VmHWM") - base) * 1024
 
 
-def peak_extra_memory(script: str, args: list[str]) -> int:
+def peak_extra_memory(script: str, args: list[str], extra_env: dict[str, str] | None = None) -> int:
     """Run `script --measure-memory ...` in a fresh process (CPU RSS peaks cannot be reset reliably in-process)."""
     # A fixed mmap threshold makes glibc return every large block on free, so RSS peaks are the op's own
     # (by default the threshold grows after the warm-up and freed blocks stay resident, hiding the peak).
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MALLOC_MMAP_THRESHOLD_="131072")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MALLOC_MMAP_THRESHOLD_="131072", **(extra_env or {}))
     out = subprocess.run([sys.executable, script, *args], check=True, capture_output=True, text=True, env=env)
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
 

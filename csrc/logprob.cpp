@@ -94,14 +94,6 @@ void check_rows(const py::array& a, py::ssize_t rows, const char* name) {
   check_dim(a, 0, rows, name);
 }
 
-void check_labels(const int64_t* labels, int64_t rows, int64_t vocab, int64_t ignore_index) {
-  for (int64_t i = 0; i < rows; ++i)
-    if (labels[i] != ignore_index && (labels[i] < 0 || labels[i] >= vocab))
-      throw std::invalid_argument("labels[" + std::to_string(i) + "] = " + std::to_string(labels[i]) +
-                                  " is outside [0, " + std::to_string(vocab) + ") and is not ignore_index (" +
-                                  std::to_string(ignore_index) + ")");
-}
-
 float* out_ptr(f32_out& a, py::ssize_t rows, const char* name) {
   check_dim(a, 0, rows, name);
   if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(name) + ": must be contiguous");
@@ -109,6 +101,14 @@ float* out_ptr(f32_out& a, py::ssize_t rows, const char* name) {
 }
 
 }  // namespace
+
+void check_labels(const int64_t* labels, int64_t rows, int64_t vocab, int64_t ignore_index) {
+  for (int64_t i = 0; i < rows; ++i)
+    if (labels[i] != ignore_index && (labels[i] < 0 || labels[i] >= vocab))
+      throw std::invalid_argument("labels[" + std::to_string(i) + "] = " + std::to_string(labels[i]) +
+                                  " is outside [0, " + std::to_string(vocab) + ") and is not ignore_index (" +
+                                  std::to_string(ignore_index) + ")");
+}
 
 void logprob_forward(f32_array logits, i64_array labels, float inv_temp, int64_t ignore_index,
                      f32_out logp, f32_out lse, py::object entropy) {

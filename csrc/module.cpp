@@ -3,6 +3,7 @@
 #include "block_manager.h"
 #include "common.h"
 #include "logprob.h"
+#include "logprob_bf16.h"
 #include "paged_attention.h"
 #include "pm_loss.h"
 #include "rowstats.h"
@@ -30,6 +31,24 @@ PYBIND11_MODULE(_native, m) {
         py::arg("lse"), py::arg("mean_diff"), "Per-row KL(softmax(logits) || softmax(ref_logits)) at a temperature.");
   m.def("kl_backward", &kl_backward, py::arg("logits"), py::arg("ref_logits"), py::arg("inv_temp"), py::arg("lse"),
         py::arg("mean_diff"), py::arg("grad_kl"), "Overwrites logits in place with d(loss)/d(logits) of the KL.");
+  m.def("bf16_kernels_available", &bf16_kernels_available,
+        "True when this CPU and OS run the AMX-BF16 / AVX512-BF16 log-prob and KL kernels (the *_bf16 functions).");
+  m.def("logprob_forward_bf16", &logprob_forward_bf16, py::arg("hidden"), py::arg("weight"), py::arg("bias"),
+        py::arg("labels"), py::arg("inv_temp"), py::arg("ignore_index"), py::arg("logp"), py::arg("lse"),
+        py::arg("entropy") = py::none(),
+        "Fused token log-probs from bf16 hidden [N, d] and head [V, d] (int16 views; bias fp32 or None): writes "
+        "log p(label), log-sum-exp and (optionally) entropy without materialising the logits.");
+  m.def("logprob_backward_bf16", &logprob_backward_bf16, py::arg("hidden"), py::arg("weight"), py::arg("bias"),
+        py::arg("labels"), py::arg("inv_temp"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"),
+        py::arg("grad_entropy"), py::arg("grad_hidden"), py::arg("grad_weight"), py::arg("grad_bias"),
+        "Gradients of the fused log-prob op into bf16 grad_hidden / grad_weight and fp32 grad_bias (each optional).");
+  m.def("kl_forward_bf16", &kl_forward_bf16, py::arg("hidden"), py::arg("weight"), py::arg("bias"),
+        py::arg("ref_hidden"), py::arg("ref_weight"), py::arg("ref_bias"), py::arg("inv_temp"), py::arg("kl"),
+        py::arg("lse"), py::arg("mean_diff"), "Per-token full-vocabulary KL(policy || reference) from bf16 operands.");
+  m.def("kl_backward_bf16", &kl_backward_bf16, py::arg("hidden"), py::arg("weight"), py::arg("bias"),
+        py::arg("ref_hidden"), py::arg("ref_weight"), py::arg("ref_bias"), py::arg("inv_temp"), py::arg("lse"),
+        py::arg("mean_diff"), py::arg("grad_kl"), py::arg("grad_hidden"), py::arg("grad_weight"),
+        py::arg("grad_bias"), "Gradients of the bf16 full KL for the policy side.");
   m.def("pm_pairs", &pm_pairs, py::arg("rewards"), py::arg("pairs"), py::arg("prob"), py::arg("weight"),
         py::arg("margin"), py::arg("group"), py::arg("pair_loss"), py::arg("pair_grad"), py::arg("resp_grad"),
         py::arg("group_stats"), py::arg("resp_group"),

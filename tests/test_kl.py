@@ -116,3 +116,71 @@ def test_full_kl_compiles_without_graph_breaks(monkeypatch):
     fn(h2, w2).backward()
     torch.testing.assert_close(h.grad, h2.grad)
     torch.testing.assert_close(w.grad, w2.grad)
+
+
+# ---------------------------------------------------------------- bf16 operands: native AMX-BF16 kernel vs fp32 path
+
+from cai_engine import _native  # noqa: E402
+
+BF16_PATHS = [pytest.param("kernel", marks=pytest.mark.skipif(not _native.bf16_kernels_available(),
+                                                              reason="CPU lacks AMX-BF16")), "fallback"]
+
+
+@pytest.fixture(params=BF16_PATHS)
+def bf16_path(request, monkeypatch):
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
+    monkeypatch.setenv(logprob_mod.BF16_KERNELS_ENV, "1" if request.param == "kernel" else "0")
+    calls = []
+    for name in ("kl_forward_bf16", "kl_backward_bf16"):
+        real = getattr(_native, name)
+        monkeypatch.setattr(_native, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    yield request.param
+    assert bool(calls) == (request.param == "kernel"), calls
+
+
+def check_bf16(h, w, rh, rw, b, *, temperature=1.0, atol=1e-4):
+    """KL within `atol` of float64 on the same bf16-rounded inputs; bf16 gradients within a few roundings."""
+    g = torch.randn(h.shape[:-1], generator=torch.Generator().manual_seed(1))
+    kl = full_kl(h, w, rh, rw, temperature=temperature, bias=b)
+    params = [t for t in (h, w, b) if t is not None]
+    grads = torch.autograd.grad((g * kl).sum(), params)
+    ref = [t.detach().double().requires_grad_() for t in params]
+    rkl = full_kl_reference(ref[0], ref[1], rh.double(), rw.double(), temperature, ref[2] if b is not None else None)
+    rgrads = torch.autograd.grad((g.double() * rkl).sum(), ref)
+    assert (kl.double() - rkl).abs().max() <= atol
+    for name, got, want, p in zip("hwb", grads, rgrads, params):
+        assert got.dtype == p.dtype, name
+        torch.testing.assert_close(got.double(), want, atol=1e-2 * want.abs().max().item(), rtol=1e-2,
+                                   msg=f"grad of {name}")
+    return kl
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
+def test_full_kl_bf16_odd_sizes(bf16_path, temperature):
+    # N, V, d and d_ref divide none of the tile sizes; the two heads have different widths
+    check_bf16(*make(37, 301, 41, 23, dtype=torch.bfloat16, seed=6, bias=True), temperature=temperature)
+
+
+def test_full_kl_bf16_large_logits(bf16_path):
+    check_bf16(*make(23, 130, 16, 16, scale=40.0, dtype=torch.bfloat16, seed=2))
+
+
+def test_full_kl_bf16_same_model_is_zero(bf16_path):
+    h, w, _, _, _ = make(17, 90, 12, 12, dtype=torch.bfloat16, seed=4)
+    kl = full_kl(h, w, h.detach(), w.detach(), temperature=0.8)
+    assert kl.abs().max() < 1e-5
+
+
+def test_full_kl_bf16_fallback_gives_the_same_results(monkeypatch):
+    if not _native.bf16_kernels_available():
+        pytest.skip("CPU lacks AMX-BF16: only the fallback exists")
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
+    h, w, rh, rw, b = make(45, 1000, 70, 40, dtype=torch.bfloat16, seed=7, bias=True)
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv(logprob_mod.BF16_KERNELS_ENV, flag)
+        kl = full_kl(h, w, rh, rw, temperature=1.3, bias=b)
+        out[flag] = (kl, *torch.autograd.grad(kl.sum(), [h, w, b]))
+    for name, k, f in zip(["kl", "dh", "dW", "db"], out["1"], out["0"]):
+        tol = 2e-5 if name == "kl" else 1e-2 * f.abs().max().item()
+        torch.testing.assert_close(k.double(), f.double(), atol=tol, rtol=0, msg=name)

@@ -98,13 +98,25 @@ def test_bf16_inputs(backend):
     check(h, w, b, y, temperature=0.7, atol=2e-3, rtol=1e-3, gatol=3e-2, grtol=3e-2)
 
 
-def test_frozen_head_gets_no_grad(backend):
+def test_frozen_head_gets_no_grad(backend, monkeypatch):
     dev = device_for(backend)
     h, w, _, y = make(11, 50, 8, device=dev)
     w.requires_grad_(False)
+    asked = []
+    real = logprob_mod._token_logprobs_backward_op
+
+    def spy(*args):
+        asked.append(list(args[10]))  # `needs`: which of (hidden, weight, bias) the backward computes
+        return real(*args)
+    monkeypatch.setattr(logprob_mod, "_token_logprobs_backward_op", spy)
     logp, _ = token_logprobs(h, w, y)
     (gh,) = torch.autograd.grad(logp.sum(), [h])
-    assert gh.shape == h.shape and w.grad is None
+    if backend != "torch":  # the reference backend differentiates through plain torch ops
+        assert asked == [[True, False, False]], "a frozen head must not cost a weight-gradient GEMM"
+    rh = h.detach().cpu().double().requires_grad_()
+    rlogp, _ = token_logprobs_reference(rh, w.cpu().double(), y.cpu())
+    (want,) = torch.autograd.grad(rlogp.sum(), [rh])
+    torch.testing.assert_close(gh.cpu().double(), want, atol=2e-4, rtol=1e-4)
 
 
 def test_bad_inputs_are_named(backend):
@@ -149,3 +161,101 @@ def test_compiles_without_graph_breaks(monkeypatch):
     torch.testing.assert_close(loss, loss_fn(eager_h, eager_w, eager_b, y))
     torch.testing.assert_close(h.grad, eager_h.grad)
     torch.testing.assert_close(w.grad, eager_w.grad)
+
+
+# ---------------------------------------------------------------- bf16 operands: native AMX-BF16 kernel vs fp32 path
+
+from cai_engine import _native  # noqa: E402
+
+needs_bf16_kernels = pytest.mark.skipif(not _native.bf16_kernels_available(), reason="CPU lacks AMX-BF16")
+BF16_PATHS = [pytest.param("kernel", marks=needs_bf16_kernels), "fallback"]
+
+
+@pytest.fixture(params=BF16_PATHS)
+def bf16_path(request, monkeypatch):
+    """bf16 operands on the native backend, through the AMX-BF16 kernel or forced onto the fp32 path."""
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
+    monkeypatch.setenv(logprob_mod.BF16_KERNELS_ENV, "1" if request.param == "kernel" else "0")
+    calls = []
+    for name in ("logprob_forward_bf16", "logprob_backward_bf16"):
+        real = getattr(_native, name)
+        monkeypatch.setattr(_native, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    yield request.param
+    # the dispatch really went where the path says
+    assert bool(calls) == (request.param == "kernel"), calls
+
+
+def check_bf16(h, w, b, y, *, temperature=1.0, atol=1e-4):
+    """Values within `atol` of float64 on the same bf16-rounded inputs (fp32 accumulation order is the only
+    error); gradients, which are returned in bf16, within a few bf16 roundings of float64."""
+    g = torch.Generator().manual_seed(1)
+    a, c = torch.randn(y.shape, generator=g), torch.randn(y.shape, generator=g)
+    logp, ent = token_logprobs(h, w, y, bias=b, temperature=temperature, return_entropy=True)
+    params = [t for t in (h, w, b) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad((a * logp).sum() + (c * ent).sum(), params)
+    ref = [t.detach().double().requires_grad_(t.requires_grad) for t in (h, w, b) if t is not None]
+    rlogp, rent = token_logprobs_reference(ref[0], ref[1], y, ref[2] if b is not None else None, temperature, -100,
+                                           True)
+    rgrads = torch.autograd.grad((a.double() * rlogp).sum() + (c.double() * rent).sum(),
+                                 [t for t in ref if t.requires_grad])
+    assert (logp.double() - rlogp).abs().max() <= atol
+    assert (ent.double() - rent).abs().max() <= atol
+    for name, got, want, p in zip("hwb", grads, rgrads, params):
+        assert got.dtype == p.dtype, name
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, atol=1e-2 * scale, rtol=1e-2, msg=f"grad of {name}")
+    return logp, ent, grads
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
+def test_bf16_odd_sizes_bias_ignore_index(bf16_path, temperature):
+    # N, V and d divide none of the kernel's tiles (32 rows, 16 tokens, 32-wide K steps)
+    check_bf16(*make(37, 301, 41, bias=True, dtype=torch.bfloat16, seed=8, ignore=(0, 36)), temperature=temperature)
+
+
+def test_bf16_aligned_sizes_without_bias(bf16_path):
+    check_bf16(*make(64, 256, 64, dtype=torch.bfloat16, seed=9))
+
+
+def test_bf16_logits_in_the_hundreds(bf16_path):
+    h, w, b, y = make(29, 257, 24, scale=90.0, dtype=torch.bfloat16, seed=2)
+    assert (h.detach().double() @ w.detach().double().T).abs().max() > 300
+    # fp32 sums of logits near 300 carry ~2e-5 absolute rounding per add (ulp(256) = 3e-5): 1e-4 still holds
+    check_bf16(h, w, b, y, atol=1e-4)
+
+
+def test_bf16_rows_where_every_logit_is_very_negative(bf16_path):
+    h, w, _, y = make(21, 130, 16, dtype=torch.bfloat16, seed=3)
+    b = torch.full((130,), -800.0, dtype=torch.bfloat16).requires_grad_()
+    check_bf16(h, w, b, y)
+
+
+def test_bf16_large_positive_bias_with_padded_tokens(bf16_path):
+    # N = 37 leaves padding lanes in the last 32-token tile; their logits are the bias alone, so a bias of
+    # +300 would give exp overflow there (and NaN gradients) if the padding were not masked out
+    h, w, _, y = make(37, 70, 24, dtype=torch.bfloat16, seed=12)
+    b = torch.zeros(70)
+    b[[3, 40]] = 300.0
+    check_bf16(h, w, b.to(torch.bfloat16).requires_grad_(), y)
+
+
+def test_bf16_frozen_head(bf16_path):
+    h, w, _, y = make(19, 97, 33, dtype=torch.bfloat16, seed=10, ignore=(4,))
+    w.requires_grad_(False)
+    _, _, (gh,) = check_bf16(h, w, None, y)
+    assert (gh[4] == 0).all()
+
+
+def test_bf16_fallback_gives_the_same_results(monkeypatch):
+    if not _native.bf16_kernels_available():
+        pytest.skip("CPU lacks AMX-BF16: only the fallback exists")
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
+    h, w, b, y = make(45, 1000, 70, bias=True, dtype=torch.bfloat16, seed=11, ignore=(7,))
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv(logprob_mod.BF16_KERNELS_ENV, flag)
+        logp, ent = token_logprobs(h, w, y, bias=b, temperature=0.8, return_entropy=True)
+        out[flag] = (logp, ent, *torch.autograd.grad(logp.sum() + 0.1 * ent.sum(), [h, w, b]))
+    for name, k, f in zip(["logp", "entropy", "dh", "dW", "db"], out["1"], out["0"]):
+        tol = 2e-5 if name in ("logp", "entropy") else 1e-2 * f.abs().max().item()  # grads: bf16 roundings apart
+        torch.testing.assert_close(k.double(), f.double(), atol=tol, rtol=0, msg=name)

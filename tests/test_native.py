@@ -25,3 +25,31 @@ def test_logsumexp_rows_all_minus_inf_row():
 def test_logsumexp_rows_rejects_wrong_rank():
     with pytest.raises(ValueError, match="x: expected 2 dimensions, got 1"):
         _native.logsumexp_rows(np.zeros(3, dtype=np.float32))
+
+
+def test_bf16_kernels_name_bad_operands():
+    if not _native.bf16_kernels_available():
+        pytest.skip("CPU lacks AMX-BF16")
+    h = np.zeros((4, 8), dtype=np.int16)
+    w = np.zeros((10, 6), dtype=np.int16)
+    out = [np.zeros(4, dtype=np.float32) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"weight: expected \[V, 8\], got \[10, 6\]"):
+        _native.logprob_forward_bf16(h, w, None, np.zeros(4, dtype=np.int64), 1.0, -100, *out)
+    with pytest.raises(ValueError, match=r"labels\[1\] = 10 is outside \[0, 10\)"):
+        _native.logprob_forward_bf16(h, np.zeros((10, 8), dtype=np.int16), None, np.array([0, 10, 0, 0]), 1.0, -100,
+                                     *out)
+    with pytest.raises(ValueError, match="ref_hidden: expected size 4 on axis 0, got 3"):
+        _native.kl_forward_bf16(h, np.zeros((10, 8), dtype=np.int16), None, np.zeros((3, 8), dtype=np.int16),
+                                np.zeros((10, 8), dtype=np.int16), None, 1.0, *out)
+
+
+def test_bf16_kernels_zero_inputs_give_uniform_distribution():
+    # bf16 zero bits in, log(1/V) out: the packed-operand plumbing with no arithmetic to hide behind
+    if not _native.bf16_kernels_available():
+        pytest.skip("CPU lacks AMX-BF16")
+    logp, lse, ent = (np.zeros(3, dtype=np.float32) for _ in range(3))
+    _native.logprob_forward_bf16(np.zeros((3, 5), dtype=np.int16), np.zeros((33, 5), dtype=np.int16), None,
+                                 np.array([0, 32, -100]), 1.0, -100, logp, lse, ent)
+    np.testing.assert_allclose(logp, [-np.log(33), -np.log(33), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(lse, np.log(33), rtol=1e-6)
+    np.testing.assert_allclose(ent, [np.log(33), np.log(33), 0.0], rtol=1e-6)

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor
 
 from .backend import as_numpy, check_finite_temperature, choose_backend
-from .logprob import (_native_logits, chunk_rows, chunked_backward, head_grads_cast, head_grads_fake,
-                      head_grads_needed, head_grads_result, prepare)
+from .logprob import (_native_logits, as_bf16_numpy, bf16_kernels, bias_numpy, chunk_rows, chunked_backward,
+                      grad_buffer_numpy, head_grad_buffers, head_grads_cast, head_grads_fake, head_grads_needed,
+                      head_grads_result, prepare)
 
 KL_KINDS = ("k1", "abs", "k2", "k3")
 MAX_LOG_RATIO = 20.0
@@ -66,9 +67,28 @@ def _forward_native(h, w, b, rh, rw, rb, inv_temp):
     return kl, lse, md
 
 
+def _forward_native_bf16(h, w, b, rh, rw, rb, inv_temp):
+    from .. import _native
+    kl, lse, md = (torch.empty(h.shape[0], dtype=torch.float32) for _ in range(3))
+    _native.kl_forward_bf16(as_bf16_numpy(h), as_bf16_numpy(w), bias_numpy(b), as_bf16_numpy(rh), as_bf16_numpy(rw),
+                            bias_numpy(rb), inv_temp, as_numpy(kl), as_numpy(lse), as_numpy(md))
+    return kl, lse, md
+
+
+def _backward_native_bf16(h, w, b, rh, rw, rb, lse, mean_diff, grad, inv_temp, needs):
+    from .. import _native
+    grads = head_grad_buffers(h, w, needs)
+    _native.kl_backward_bf16(as_bf16_numpy(h), as_bf16_numpy(w), bias_numpy(b), as_bf16_numpy(rh), as_bf16_numpy(rw),
+                             bias_numpy(rb), inv_temp, as_numpy(lse.contiguous()), as_numpy(mean_diff.contiguous()),
+                             as_numpy(grad), *(grad_buffer_numpy(g, n) for g, n in zip(grads, needs)))
+    return grads
+
+
 @torch.library.custom_op("cai_engine::full_kl", mutates_args=())
 def _full_kl_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
                 ref_bias: Optional[Tensor], temperature: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "native" and bf16_kernels(hidden, weight, ref_hidden, ref_weight):
+        return _forward_native_bf16(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 1.0 / temperature)
     h, w, b = prepare(hidden, weight, bias, backend)
     rh, rw, rb = prepare(ref_hidden, ref_weight, ref_bias, backend)
     if backend == "native":
@@ -87,9 +107,13 @@ def _full_kl_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                          ref_weight: Tensor, ref_bias: Optional[Tensor], lse: Tensor, mean_diff: Tensor,
                          grad: Tensor, temperature: float, needs: list[bool],
                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    inv_temp, g = 1.0 / temperature, grad.float().contiguous()
+    if backend == "native" and bf16_kernels(hidden, weight, ref_hidden, ref_weight):
+        grads = _backward_native_bf16(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, mean_diff, g,
+                                      inv_temp, needs)
+        return head_grads_cast(grads, hidden, weight, bias)
     h, w, b = prepare(hidden, weight, bias, backend)
     rh, rw, rb = prepare(ref_hidden, ref_weight, ref_bias, backend)
-    inv_temp, g = 1.0 / temperature, grad.float().contiguous()
     if backend == "native":
         from .. import _native
         ref_buf = torch.empty(0)

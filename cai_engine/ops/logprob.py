@@ -3,10 +3,13 @@
 Forward keeps per-token statistics only (log-sum-exp, entropy); backward recomputes the logits one
 [chunk, V] tile at a time, turns the tile into d(loss)/d(logits) in place, and feeds it to two GEMMs
 (dh = dz @ W, dW += dz^T @ h). Backends: Triton (CUDA), native C++ epilogues around BLAS GEMMs (CPU),
-and the dense torch reference.
+and the dense torch reference. On CPUs with AMX-BF16, bf16 operands go to a native kernel that computes
+each logit tile, its epilogue and its gradient GEMMs in cache (csrc/logprob_bf16.cpp); elsewhere, or with
+CAI_ENGINE_BF16_KERNELS=0, they are converted to fp32 for the BLAS path.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 import torch
@@ -14,6 +17,7 @@ from torch import Tensor
 
 from .backend import as_numpy, check_finite_temperature, choose_backend
 
+BF16_KERNELS_ENV = "CAI_ENGINE_BF16_KERNELS"  # "0": bf16 operands take the fp32 path even where the CPU has AMX
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB of fp32
 MIN_BLOCK_COLS = 4096     # backward vocabulary blocks stay wide enough for efficient GEMMs
 
@@ -39,6 +43,62 @@ def token_logprobs_reference(hidden, weight, labels, bias=None, temperature=1.0,
     if return_entropy:
         entropy = -(logp_all.exp() * logp_all).sum(-1) * valid
     return logp, entropy
+
+
+# ---------------------------------------------------------------- native bf16 kernels (AMX-BF16 CPUs)
+
+def bf16_kernels(*operands: Optional[Tensor]) -> bool:
+    """Whether the native bf16 kernels run for these operands: all bf16 and on CPU, the CPU has AMX-BF16
+    and AVX512-BF16 (checked at run time, so the module imports everywhere), and not disabled by the env."""
+    if os.environ.get(BF16_KERNELS_ENV, "1").strip() == "0":
+        return False
+    if any(t.dtype != torch.bfloat16 or t.is_cuda for t in operands if t is not None):
+        return False
+    from .. import _native
+    return _native.bf16_kernels_available()
+
+
+def as_bf16_numpy(t: Tensor):
+    """int16 view of a bf16 tensor (numpy has no bfloat16; the kernels reinterpret the bits)."""
+    return t.detach().contiguous().view(torch.int16).numpy()
+
+
+def bias_numpy(bias: Optional[Tensor]):
+    return None if bias is None else bias.detach().float().contiguous().numpy()
+
+
+def head_grad_buffers(hidden: Tensor, weight: Tensor, needs) -> tuple[Tensor, Tensor, Tensor]:
+    """bf16 dh / dW and fp32 db filled in place by the native bf16 backward (empty where not needed)."""
+    n, d, v = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    return (torch.empty(n, d, dtype=torch.bfloat16) if needs[0] else hidden.new_empty(0),
+            torch.empty(v, d, dtype=torch.bfloat16) if needs[1] else weight.new_empty(0),
+            torch.empty(v, dtype=torch.float32) if needs[2] else weight.new_empty(0, dtype=torch.float32))
+
+
+def grad_buffer_numpy(t: Tensor, needed: bool):
+    if not needed:
+        return None
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _forward_native_bf16(h, w, b, labels, inv_temp, ignore_index, with_entropy):
+    from .. import _native
+    n = h.shape[0]
+    logp, lse, ent = (torch.empty(n, dtype=torch.float32) for _ in range(3))
+    _native.logprob_forward_bf16(as_bf16_numpy(h), as_bf16_numpy(w), bias_numpy(b), as_numpy(labels), inv_temp,
+                                 ignore_index, as_numpy(logp), as_numpy(lse), as_numpy(ent) if with_entropy else None)
+    return logp, ent if with_entropy else torch.zeros(n, dtype=torch.float32), lse
+
+
+def _backward_native_bf16(h, w, b, labels, lse, ent, g_lp, g_ent, inv_temp, ignore_index, needs):
+    from .. import _native
+    valid = labels != ignore_index
+    g_lp, g_ent = (g * valid for g in (g_lp, g_ent))  # ignored tokens get no gradient
+    grads = head_grad_buffers(h, w, needs)
+    _native.logprob_backward_bf16(as_bf16_numpy(h), as_bf16_numpy(w), bias_numpy(b), as_numpy(labels), inv_temp,
+                                  as_numpy(lse), as_numpy(ent), as_numpy(g_lp), as_numpy(g_ent),
+                                  *(grad_buffer_numpy(g, n) for g, n in zip(grads, needs)))
+    return grads
 
 
 # ---------------------------------------------------------------- chunked driver (native + triton)
@@ -159,8 +219,10 @@ def head_grads_result(grads, needs: list[bool], n_other_inputs: int) -> tuple:
 def _token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature: float,
                        ignore_index: int, with_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     inv_temp = 1.0 / temperature
-    h, w, b = prepare(hidden, weight, bias, backend)
     labels = labels.contiguous()
+    if backend == "native" and bf16_kernels(hidden, weight):
+        return _forward_native_bf16(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy)
+    h, w, b = prepare(hidden, weight, bias, backend)
     if backend == "native":
         return _forward_native(h, w, b, labels, inv_temp, ignore_index, with_entropy)
     from ..kernels import logprob as tk
@@ -177,6 +239,11 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, bac
 def _token_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
                                 entropy: Tensor, grad_logp: Tensor, grad_entropy: Tensor, temperature: float,
                                 ignore_index: int, needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "native" and bf16_kernels(hidden, weight):
+        grads = _backward_native_bf16(hidden, weight, bias, labels.contiguous(), lse.contiguous(),
+                                      entropy.contiguous(), grad_logp.float().contiguous(),
+                                      grad_entropy.float().contiguous(), 1.0 / temperature, ignore_index, needs)
+        return head_grads_cast(grads, hidden, weight, bias)
     h, w, b = prepare(hidden, weight, bias, backend)
     grads = _backward(h, w, b, labels.contiguous(), lse, entropy, grad_logp.float().contiguous(),
                       grad_entropy.float().contiguous(), 1.0 / temperature, ignore_index, tuple(needs), backend)
