@@ -18,11 +18,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line  # noqa: E402
+from common import hf_copy_of_default, machine_line, trainer_step_timer  # noqa: E402
 
 PROMPTS, SAMPLES, NEW_TOKENS = 16, 2, 128
 
@@ -66,11 +65,8 @@ def run_trl(prompts: Path, pm: Path, warmup: int, iterations: int, out: Path) ->
     import transformers
     from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
-    from cai_engine import load_model, save_model
 
-    ours, tok = load_model("smollm2-135m-instruct")
-    save_model(ours, tok, out / "hf")
-    del ours
+    hf_copy_of_default(out / "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "hf")
     tokenizer.padding_side = "left"
     policy = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
@@ -79,20 +75,13 @@ def run_trl(prompts: Path, pm: Path, warmup: int, iterations: int, out: Path) ->
     rows = [{"prompt": [{"role": "user", "content": json.loads(line)["prompt"]}]} for line in open(prompts)]
     times: list[float] = []
 
-    class Timer(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.start)
-
     config = RLOOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=PROMPTS * SAMPLES,
                         num_generations=SAMPLES, max_completion_length=NEW_TOKENS, max_steps=warmup + iterations,
                         bf16=True, use_cpu=True, learning_rate=1e-6, save_strategy="no", report_to=[],
                         logging_steps=1000, disable_tqdm=True, seed=0, beta=0.05,
                         generation_kwargs={"min_new_tokens": NEW_TOKENS})
     trainer = RLOOTrainer(model=policy, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, reward_processing_classes=reward_tokenizer, callbacks=[Timer()])
+                          processing_class=tokenizer, reward_processing_classes=reward_tokenizer, callbacks=[trainer_step_timer(times)])
     trainer.train()
     return {"iteration_s": statistics.median(times[warmup:]), "generation_s": None,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "iterations": len(times)}

@@ -11,27 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line  # noqa: E402
+from common import hf_copy_of_default, machine_line, trainer_step_timer, word_text  # noqa: E402
 
 PROMPT_WORDS, ANSWER_WORDS, EXAMPLES_PER_STEP = 200, 100, 8
 
 
 def make_data(path: Path, n: int, seed: int = 0) -> None:
-    from cai_engine import load_model
-    _, tok = load_model("smollm2-135m-instruct")
-    rnd = random.Random(seed)
-    words = [w for w in (tok.decode([i]) for i in range(2000, 12000)) if w.startswith(" ") and w[1:].isalpha()]
-    text = lambda k: "".join(rnd.choice(words) for _ in range(k)).strip()
+    text = word_text(seed)
     with open(path, "w") as f:
         for i in range(n):
             f.write(json.dumps({"id": f"b{i}", "prompt": text(PROMPT_WORDS), "final": text(ANSWER_WORDS),
@@ -56,30 +50,20 @@ def run_trl(data: Path, warmup: int, steps: int, out: Path) -> dict:
     import transformers
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
-    from cai_engine import load_model, save_model
 
-    ours, tok = load_model("smollm2-135m-instruct")
-    save_model(ours, tok, out / "hf")
-    del ours
+    hf_copy_of_default(out / "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
              "completion": [{"role": "assistant", "content": r["final"]}]} for r in map(json.loads, open(data))]
     times: list[float] = []
 
-    class Timer(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.start)
-
     config = SFTConfig(output_dir=str(out / "trl"), per_device_train_batch_size=EXAMPLES_PER_STEP,
                        max_steps=warmup + steps, bf16=True, use_cpu=True, learning_rate=1e-5, save_strategy="no",
                        report_to=[], logging_steps=1000, max_length=1024, packing=False, disable_tqdm=True, seed=0,
                        dataloader_num_workers=0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[Timer()])
+                         callbacks=[trainer_step_timer(times)])
     trainer.train()
     return {"step_s": statistics.median(times[warmup:]), "examples_per_step": EXAMPLES_PER_STEP,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps": len(times)}

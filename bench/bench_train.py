@@ -14,28 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line  # noqa: E402
+from common import hf_copy_of_default, machine_line, trainer_step_timer, word_text  # noqa: E402
 
 PROMPT_TOKENS, RESPONSE_TOKENS, PROMPTS_PER_STEP = 256, 64, 4
 
 
 def make_data(path: Path, k: int, n_prompts: int, seed: int = 0) -> None:
     """Texts that tokenize to about 256 / 64 tokens: random common words (one token each, space-led)."""
-    from cai_engine import load_model
-    _, tok = load_model("smollm2-135m-instruct")
-    rnd = random.Random(seed)
-    words = [w for w in (tok.decode([i]) for i in range(2000, 12000)) if w.startswith(" ") and w[1:].isalpha()]
-    text = lambda n: "".join(rnd.choice(words) for _ in range(n)).strip()
+    text = word_text(seed)
     with open(path, "w") as f:
         for _ in range(n_prompts):
             f.write(json.dumps({"prompt": text(PROMPT_TOKENS), "responses": [text(RESPONSE_TOKENS - 1) for _ in range(k)],
@@ -60,12 +54,9 @@ def run_trl(data: Path, k: int, warmup: int, steps: int, out: Path) -> dict:
     import transformers
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
-    from cai_engine import load_model, save_model
 
     model_dir = out / "hf"
-    ours, tok = load_model("smollm2-135m-instruct")
-    save_model(ours, tok, model_dir)
-    del ours
+    hf_copy_of_default(model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1,
                                                                             torch_dtype=torch.float32)
@@ -81,20 +72,13 @@ def run_trl(data: Path, k: int, warmup: int, steps: int, out: Path) -> dict:
                              "rejected": " " + record["responses"][b]})
     times: list[float] = []
 
-    class Timer(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.start)
-
     pairs_per_step = PROMPTS_PER_STEP * k * (k - 1) // 2
     config = RewardConfig(output_dir=str(out / "trl"), per_device_train_batch_size=pairs_per_step,
                           max_steps=warmup + steps, bf16=True, use_cpu=True, learning_rate=1e-5, save_strategy="no",
                           report_to=[], logging_steps=1000, max_length=1024, dataloader_num_workers=0,
                           disable_tqdm=True, seed=0)
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                            processing_class=tokenizer, callbacks=[Timer()])
+                            processing_class=tokenizer, callbacks=[trainer_step_timer(times)])
     trainer.train()
     return {"step_s": statistics.median(times[warmup:]), "tokens_per_step": None,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -88,3 +88,35 @@ def machine_line(device: str) -> str:
     else:
         hw = f"{os.cpu_count()} CPU threads (torch uses {torch.get_num_threads()})"
     return f"{time.strftime('%Y-%m-%d')}, {hw}, torch {torch.__version__}"
+
+
+# ---------------------------------------------------------------- trainer benchmarks (ours vs TRL, one process each)
+
+def word_text(seed: int = 0) -> Callable[[int], str]:
+    """`text(n)`: n random common words of the embedded default's vocabulary, about one token each."""
+    import random
+    from cai_engine import load_model
+    _, tok = load_model("smollm2-135m-instruct")
+    rnd = random.Random(seed)
+    words = [w for w in (tok.decode([i]) for i in range(2000, 12000)) if w.startswith(" ") and w[1:].isalpha()]
+    return lambda n: "".join(rnd.choice(words) for _ in range(n)).strip()
+
+
+def trainer_step_timer(times: list[float]):
+    """A transformers TrainerCallback appending each optimizer step's wall time to `times`."""
+    import transformers
+
+    class StepTimer(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.start)
+    return StepTimer()
+
+
+def hf_copy_of_default(directory) -> None:
+    """The embedded default in the Hugging Face layout (transformers will not train a model loaded from GGUF)."""
+    from cai_engine import load_model, save_model
+    model, tok = load_model("smollm2-135m-instruct")
+    save_model(model, tok, directory)
