@@ -188,7 +188,8 @@ def train_sft(config: RunConfig, *, allow_config_change: bool = False, log: Call
     def loss(trained, indices: list[int]) -> MicroBatchResult:
         batch = collate([train_rows[i] for i in indices], pad)
         logprobs = answer_logprobs(trained, model.lm_head, batch, precision, device)
-        return MicroBatchResult(-logprobs.sum(), float(logprobs.numel()), int(batch["input_ids"].numel()))
+        # tokens: real ones only (padding of the shorter rows is not work done)
+        return MicroBatchResult(-logprobs.sum(), float(logprobs.numel()), int((batch["segment_ids"] > 0).sum()))
 
     @torch.no_grad()
     def evaluate(m) -> dict[str, Any]:
