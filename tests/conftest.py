@@ -11,27 +11,13 @@ os.environ.setdefault("CAI_ENGINE_CACHE", os.path.join(os.path.dirname(__file__)
 
 from cai_engine.model.checkpoint import build_model, our_name  # noqa: E402
 from cai_engine.model.config import ModelConfig  # noqa: E402
+from cai_engine.model.tiny import byte_tokenizer  # noqa: E402
 from cai_engine.model.tokenizer import Tokenizer  # noqa: E402
-
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def tiny_tokenizer() -> Tokenizer:
     """A byte-level BPE over the 256 bytes plus two merges and ChatML specials: enough to round-trip files."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["he"] = len(vocab)
-    vocab["ll"] = len(vocab)
-    backend = Backend(models.BPE(vocab=vocab, merges=[("h", "e"), ("l", "l")]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
-    return Tokenizer(backend, chat_template=CHATML, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                     pad_token="<|endoftext|>")
+    return byte_tokenizer()
 
 
 def hf_config(kind: str, tied: bool, **overrides):

@@ -8,6 +8,7 @@ from .checkpoint import load_hf_dir, save_hf_dir
 from ..errors import CheckpointError
 from .gguf import load_gguf
 from .decoder import Transformer
+from .tiny import TINY_MODEL, tiny_random_model
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -30,10 +31,13 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
 def load_model(name_or_path: str | os.PathLike, *, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
     """Load a Llama-family model and its tokenizer.
 
-    `name_or_path`: "smollm2-135m-instruct" (the embedded default), a Hugging Face model directory,
-    or a .gguf file. Default dtype: float32 on CPU, bfloat16 on CUDA.
+    `name_or_path`: "smollm2-135m-instruct" (the embedded default), "tiny-random" (a seeded random tiny
+    model for tests), a Hugging Face model directory, or a .gguf file. Default dtype: float32 on CPU,
+    bfloat16 on CUDA.
     """
     key = str(name_or_path)
+    if key == TINY_MODEL:
+        return tiny_random_model(dtype=dtype, device=device)
     if key.lower() in _EMBEDDED:
         return load_gguf(embedded_model_path(key.lower()), dtype=dtype, device=device)
     path = Path(name_or_path)
@@ -44,7 +48,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device=None) -> t
     if path.exists():
         raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
     raise CheckpointError(f"{key!r}: no such file or directory, and not a known model name "
-                          f"(known: {', '.join(_EMBEDDED)}); nothing is downloaded at run time")
+                          f"(known: {', '.join([*_EMBEDDED, TINY_MODEL])}); nothing is downloaded at run time")
 
 
 def save_model(model: Transformer, tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
