@@ -2,6 +2,8 @@
 a file, and JSONL logs are appended one whole, fsynced record at a time."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -34,13 +36,26 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """Name the file in a failed write: a full disk (ENOSPC), a size limit (EFBIG) or a read-only folder
+    otherwise surfaces as an error without a path, and the user cannot tell what to free or fix."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        reason = e.strerror or errno.errorcode.get(e.errno or 0, "write failed")
+        raise OSError(e.errno, f"cannot write {path}: {reason}") from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
+        with writing(path), os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -74,7 +89,7 @@ def read_json(path: str | os.PathLike) -> Any:
 def append_jsonl(path: str | os.PathLike, record: Any) -> None:
     """Append one whole record as a line and fsync it: a kill leaves at most a torn last line."""
     line = json.dumps(record, ensure_ascii=False) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
+    with writing(path), open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())

@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 
 from .checkpoint import load_hf_dir, save_hf_dir
+from .config import ModelConfig
+from ..io import read_json
 from ..errors import CheckpointError
 from .gguf import load_gguf
 from .decoder import Transformer
@@ -45,13 +47,37 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device=None) -> t
         return load_hf_dir(path, dtype=dtype, device=device)
     if path.is_file() and path.suffix == ".gguf":
         return load_gguf(path, dtype=dtype, device=device)
-    if path.exists():
-        raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
-    raise CheckpointError(f"{key!r}: no such file or directory, and not a known model name "
-                          f"(known: {', '.join([*_EMBEDDED, TINY_MODEL])}); nothing is downloaded at run time")
+    raise _not_a_model(path, key)
 
 
 def save_model(model: Transformer, tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
     """Write the Hugging Face layout (config, safetensors, tokenizer, chat template): loads unchanged in
     transformers and vLLM, and in `load_model`."""
     save_hf_dir(model, tokenizer, directory)
+
+
+def parameter_count(name_or_path: str | os.PathLike) -> int:
+    """How many parameters a model has, read from its config or file header without loading the weights
+    (for plans and estimates)."""
+    key = str(name_or_path)
+    if key == TINY_MODEL:
+        return sum(p.numel() for p in tiny_random_model()[0].parameters())
+    path = embedded_model_path(key.lower()) if key.lower() in _EMBEDDED else Path(name_or_path)
+    if path.is_dir():
+        config = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
+        d, hd, inner = config.hidden_size, config.head_dim, config.intermediate_size
+        attention = d * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+        per_layer = attention + 3 * d * inner + 2 * d
+        heads = 1 if config.tie_word_embeddings else 2
+        return heads * config.vocab_size * d + config.num_hidden_layers * per_layer + d
+    if path.is_file() and path.suffix == ".gguf":
+        from gguf import GGUFReader
+        return sum(int(tensor.n_elements) for tensor in GGUFReader(path).tensors)
+    raise _not_a_model(path, key)
+
+
+def _not_a_model(path: Path, key: str) -> CheckpointError:
+    if path.exists():
+        return CheckpointError(f"{path}: expected a model directory or a .gguf file")
+    return CheckpointError(f"{key!r}: no such file or directory, and not a known model name "
+                           f"(known: {', '.join([*_EMBEDDED, TINY_MODEL])}); nothing is downloaded at run time")

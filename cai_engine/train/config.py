@@ -448,6 +448,23 @@ def resolve(*, config_file: str | None = None, flags: dict[str, Any] | None = No
     return config
 
 
+# the sections each stage's results depend on, beside its own section, the model and the seed; a stage whose
+# part of the config changed is stale (refused by a stage command, rerun with the stages after it by the pipeline)
+STAGE_INPUTS = {"critique": (), "sft": ("precision", "optimizer"), "feedback": ("critique.constitution",),
+                "pm": ("precision", "optimizer"), "rl": ("precision", "optimizer")}
+
+
+def stage_key(config: RunConfig, stage: str) -> dict[str, dict[str, Any]]:
+    """The part of the resolved config a stage's outputs depend on (saved beside them, compared on rerun)."""
+    key: dict[str, dict[str, Any]] = {"model": config.section("model"), stage: config.section(stage),
+                                      "run": {"seed": config.run.seed}}
+    for name in STAGE_INPUTS.get(stage, ()):
+        section_name, _, field_name = name.partition(".")
+        values = config.section(section_name)
+        key[section_name] = {field_name: values[field_name]} if field_name else values
+    return key
+
+
 __all__ = ["CheckpointSection", "ConfigError", "ModelSection", "OptimizerSection", "PMSection", "PrecisionSection",
            "RLSection", "RunConfig", "RunSection", "SFTSection", "apply_mapping", "apply_override", "diff", "field_help", "load_toml",
-           "resolve", "setting", "to_toml", "validate"]
+           "resolve", "setting", "stage_key", "to_toml", "validate"]

@@ -23,7 +23,7 @@ import torch
 
 from ..io import append_jsonl, atomic_write_json, read_json, read_jsonl
 from . import checkpoints as ckpt
-from .config import CheckpointSection, OptimizerSection, RunConfig, diff
+from .config import CheckpointSection, OptimizerSection, RunConfig, diff, stage_key
 from .distributed import all_reduce_sum, barrier, is_main, rank, world_size, wrap_ddp
 from .optim import lr_factor, make_optimizer
 from .precision import Precision, resolve_device, resolve_precision
@@ -94,8 +94,7 @@ def stage_settings(config: RunConfig, stage: str, *, allow_config_change: bool =
     config its results depend on (model, precision, optimizer, the stage's section, the seed), which a
     resume compares with the checkpoint's."""
     device = resolve_device(config.run.device)
-    key = {"model": config.section("model"), "precision": config.section("precision"),
-           "optimizer": config.section("optimizer"), stage: config.section(stage), "seed": {"seed": config.run.seed}}
+    key = stage_key(config, stage)
     return LoopSettings(stage_dir=Path(config.run.dir) / stage, device=device,
                         precision=resolve_precision(config.precision.mode, device), optimizer=config.optimizer,
                         checkpoint=config.checkpoint, seed=config.run.seed, config=key,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +23,8 @@ from ..data.prompts import Prompt, load_prompts
 from ..engine import LLM, SamplingParams
 from ..io import atomic_write_json, atomic_write_text, read_json, read_jsonl
 from ..model.loading import load_model
-from .config import ConfigError, RunConfig, diff
+from .config import ConfigError, RunConfig, diff, stage_key
+from .distributed import barrier, is_main
 from .precision import resolve_device
 
 STAGES = ("critique", "sft", "feedback", "pm", "rl")
@@ -39,7 +41,7 @@ def hh_prompt(prompt: Prompt) -> str:
 
 
 def check_stage_config(stage_dir: Path, key: dict[str, Any], allow_change: bool, log) -> None:
-    """A generation stage remembers the config its records were made with; another one is refused."""
+    """A stage remembers the config its outputs were made with (`stage.json`); another one is refused."""
     path = stage_dir / "stage.json"
     if path.is_file():
         changed = diff(read_json(path)["config"], key)
@@ -48,15 +50,25 @@ def check_stage_config(stage_dir: Path, key: dict[str, Any], allow_change: bool,
                               "folder, or --resume-with-new-config to go on with the new values on purpose")
         if changed:
             log(f"{stage_dir}: continuing with a changed config (on purpose): {'; '.join(changed)}")
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {"config": key})
+    if is_main():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"config": key})
 
 
-def run_critique_stage(config: RunConfig, *, allow_config_change: bool, log: Callable[[str], None]) -> str:
+def stage_status(run_dir: Path, stage: str, key: dict[str, Any]) -> tuple[str, list[str]]:
+    """"new" (never started), "finished" / "interrupted" (with this config), or "changed" (with the keys)."""
+    stage_dir = run_dir / stage
+    if not (stage_dir / "stage.json").is_file():
+        return "new", []
+    changed = diff(read_json(stage_dir / "stage.json")["config"], key)
+    if changed:
+        return "changed", changed
+    return ("finished" if (stage_dir / "done.json").is_file() else "interrupted"), []
+
+
+def run_critique_stage(config: RunConfig, *, log: Callable[[str], None]) -> str:
     s = config.critique
     stage_dir = Path(config.run.dir) / "critique"
-    key = {"model": config.section("model"), "critique": config.section("critique"), "run": {"seed": config.run.seed}}
-    check_stage_config(stage_dir, key, allow_config_change, log)
     constitution = Constitution.load(s.constitution)
     prompts = stage_prompts(s.prompts, s.limit)
     device = resolve_device(config.run.device)
@@ -105,13 +117,9 @@ def sample_pairs(config: RunConfig, prompts: list[Prompt], log) -> list[tuple[st
     return pairs
 
 
-def run_feedback_stage(config: RunConfig, *, allow_config_change: bool, log: Callable[[str], None],
-                       progress: bool) -> str:
+def run_feedback_stage(config: RunConfig, *, log: Callable[[str], None], progress: bool) -> str:
     s = config.feedback
     stage_dir = Path(config.run.dir) / "feedback"
-    key = {"model": config.section("model"), "feedback": config.section("feedback"),
-           "critique": {"constitution": config.critique.constitution}, "run": {"seed": config.run.seed}}
-    check_stage_config(stage_dir, key, allow_config_change, log)
     constitution = Constitution.load(config.critique.constitution)
     prompts = stage_prompts(s.prompts, s.limit)
     pairs = sample_pairs(config, prompts, log)
@@ -132,30 +140,56 @@ def run_feedback_stage(config: RunConfig, *, allow_config_change: bool, log: Cal
 
 def run_stage(stage: str, config: RunConfig, *, allow_config_change: bool, progress: bool,
               log: Callable[[str], None]) -> str:
-    if stage == "critique":
-        return run_critique_stage(config, allow_config_change=allow_config_change, log=log)
-    if stage == "feedback":
-        return run_feedback_stage(config, allow_config_change=allow_config_change, log=log, progress=progress)
-    if stage == "sft":
-        from .sft import train_sft
-        summary = train_sft(config, allow_config_change=allow_config_change, progress=progress, log=log)
-        if summary.already_finished:
-            return f"sft: already finished; model at {summary.final}"
-        last = summary.history[-1] if summary.history else {}
-        return (f"sft: {summary.steps} steps in {summary.seconds:.1f}s"
-                + (f", held-out loss {last['loss']:.4f}" if last else "") + f"; model at {summary.final}")
-    if stage == "pm":
-        from .pm import train_pm
-        summary = train_pm(config, allow_config_change=allow_config_change, progress=progress, log=log)
-        if summary.already_finished:
-            return f"pm: already finished; model at {summary.final}"
-        last = summary.history[-1] if summary.history else {}
-        scores = f", eval accuracy {last['accuracy']:.3f}, ECE {last['ece']:.3f}" if last else ""
-        return f"pm: {summary.steps} steps in {summary.seconds:.1f}s{scores}; model at {summary.final}"
-    if stage == "rl":
-        from .rl import train_rl
-        summary = train_rl(config, allow_config_change=allow_config_change, progress=progress, log=log)
-        if summary.already_finished:
-            return f"rl: already finished; policy at {summary.final}"
-        return f"rl: {summary.steps} optimizer steps in {summary.seconds:.1f}s; policy at {summary.final}"
-    raise ConfigError(f"unknown stage {stage!r}: expected one of {', '.join(STAGES)}")
+    """Run one stage: its config checked against the folder's, the work (resumed where it stopped), then
+    `done.json` (with the summary line and the seconds) once its outputs are complete."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}: expected one of {', '.join(STAGES)}")
+    stage_dir = Path(config.run.dir) / stage
+    check_stage_config(stage_dir, stage_key(config, stage), allow_config_change, log)
+    if is_main():  # the stage is running again (resumed, or on with a changed config): not done until it ends
+        (stage_dir / "done.json").unlink(missing_ok=True)
+    start = time.perf_counter()
+    summary = _STAGE_RUNNERS[stage](config, allow_config_change=allow_config_change, progress=progress, log=log)
+    if is_main():
+        atomic_write_json(stage_dir / "done.json", {"summary": summary, "seconds": round(time.perf_counter() - start, 2)})
+    barrier()
+    return summary
+
+
+def _critique(config: RunConfig, *, allow_config_change: bool, progress: bool, log) -> str:
+    return run_critique_stage(config, log=log)
+
+
+def _feedback(config: RunConfig, *, allow_config_change: bool, progress: bool, log) -> str:
+    return run_feedback_stage(config, log=log, progress=progress)
+
+
+def _sft(config: RunConfig, *, allow_config_change: bool, progress: bool, log) -> str:
+    from .sft import train_sft
+    summary = train_sft(config, allow_config_change=allow_config_change, progress=progress, log=log)
+    if summary.already_finished:
+        return f"sft: already finished; model at {summary.final}"
+    last = summary.history[-1] if summary.history else {}
+    return (f"sft: {summary.steps} steps in {summary.seconds:.1f}s"
+            + (f", held-out loss {last['loss']:.4f}" if last else "") + f"; model at {summary.final}")
+
+
+def _pm(config: RunConfig, *, allow_config_change: bool, progress: bool, log) -> str:
+    from .pm import train_pm
+    summary = train_pm(config, allow_config_change=allow_config_change, progress=progress, log=log)
+    if summary.already_finished:
+        return f"pm: already finished; model at {summary.final}"
+    last = summary.history[-1] if summary.history else {}
+    scores = f", eval accuracy {last['accuracy']:.3f}, ECE {last['ece']:.3f}" if last else ""
+    return f"pm: {summary.steps} steps in {summary.seconds:.1f}s{scores}; model at {summary.final}"
+
+
+def _rl(config: RunConfig, *, allow_config_change: bool, progress: bool, log) -> str:
+    from .rl import train_rl
+    summary = train_rl(config, allow_config_change=allow_config_change, progress=progress, log=log)
+    if summary.already_finished:
+        return f"rl: already finished; policy at {summary.final}"
+    return f"rl: {summary.steps} optimizer steps in {summary.seconds:.1f}s; policy at {summary.final}"
+
+
+_STAGE_RUNNERS = {"critique": _critique, "sft": _sft, "feedback": _feedback, "pm": _pm, "rl": _rl}
