@@ -667,6 +667,15 @@ Buffer<float> padded_copy(const float* x, int64_t N) {
   return out;
 }
 
+// An empty batch, or no gradient asked for: the weight and bias gradients are zeros (they are outputs the
+// caller reads), and there is nothing to sweep.
+bool nothing_to_sweep(const Grads& out, int64_t N, int64_t V, int64_t d) {
+  if (N > 0 && (out.dh || out.dw || out.db)) return false;
+  if (out.dw) std::memset(out.dw, 0, V * d * 2);
+  if (out.db) std::memset(out.db, 0, V * sizeof(float));
+  return true;
+}
+
 }  // namespace
 
 void logprob_backward_bf16(bf16_array hidden, bf16_array weight, py::object bias, i64_array labels, float inv_temp,
@@ -685,11 +694,7 @@ void logprob_backward_bf16(bf16_array hidden, bf16_array weight, py::object bias
             f32_out_ptr(grad_bias, V, "grad_bias")};
   const int64_t* y = labels.data();
   py::gil_scoped_release nogil;
-  if (N == 0 || !(out.dh || out.dw || out.db)) {
-    if (out.dw) std::memset(out.dw, 0, V * d * 2);
-    if (out.db) std::memset(out.db, 0, V * sizeof(float));
-    return;
-  }
+  if (nothing_to_sweep(out, N, V, d)) return;
   Head head(reinterpret_cast<const uint16_t*>(weight.data()), b, V, d);
   auto lse_p = padded_copy(ls, N), glp_p = padded_copy(glp, N), gent_p = padded_copy(gent, N);
   auto mean_p = zeroed<float>(round_up(N, kTile));
@@ -728,11 +733,7 @@ void kl_backward_bf16(bf16_array hidden, bf16_array weight, py::object bias, bf1
   Grads out{bf16_out(grad_hidden, N, d, "grad_hidden"), bf16_out(grad_weight, V, d, "grad_weight"),
             f32_out_ptr(grad_bias, V, "grad_bias")};
   py::gil_scoped_release nogil;
-  if (N == 0 || !(out.dh || out.dw || out.db)) {
-    if (out.dw) std::memset(out.dw, 0, V * d * 2);
-    if (out.db) std::memset(out.db, 0, V * sizeof(float));
-    return;
-  }
+  if (nothing_to_sweep(out, N, V, d)) return;
   Head head(reinterpret_cast<const uint16_t*>(weight.data()), b, V, d);
   Head ref(reinterpret_cast<const uint16_t*>(ref_weight.data()), rb, V, rop.d);
   auto lse_p = padded_copy(ls, N), md_p = padded_copy(md, N), g_p = padded_copy(g, N);

@@ -130,7 +130,7 @@ def test_pm_learns_and_writes_a_complete_run_folder(tmp_path, pm_setup):
     assert [h["step"] for h in history] == list(range(1, 19))
     assert history[-1]["loss"] < 0.5 * history[0]["loss"] and history[-1]["accuracy"] == 1.0
     names = sorted(p.name for p in (run / "pm").iterdir())
-    assert names == ["checkpoint-16", "checkpoint-18", "final", "metrics.jsonl", "summary.json"]
+    assert names == ["checkpoint-16", "checkpoint-18", "done.json", "final", "metrics.jsonl", "stage.json", "summary.json"]
     final = sorted(p.name for p in (run / "pm" / "final").iterdir())
     assert "optimizer.safetensors" not in final and "model.safetensors" in final and "config.json" in final
     umask = os.umask(0)
@@ -159,7 +159,7 @@ def test_a_run_folder_made_with_another_config_is_refused(tmp_path, pm_setup, ca
     assert train_main(pm_args(pm_setup, run, "--precision", "fp32")) == 0
     assert train_main(pm_args(pm_setup, run, "--precision", "fp32")) == 0
     assert "already finished" in capsys.readouterr().out
-    assert train_main(pm_args(pm_setup, run, "--precision", "fp32", "--lr", "1e-3")) == 1
+    assert train_main(pm_args(pm_setup, run, "--precision", "fp32", "--lr", "1e-3")) == 2  # a config error, refused before any work
     err = capsys.readouterr().err
     assert "pm.lr (0.003 -> 0.001)" in err and "--resume-with-new-config" in err
     # on purpose: a longer run goes on from the last checkpoint
@@ -179,7 +179,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, pm_s
     for checkpoint in (run / "pm").glob("checkpoint-*"):
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         assert all(torch.isfinite(t).all() for t in
-                   __import__("safetensors.torch").torch.load_file(str(checkpoint / "model.safetensors")).values())
+                   __import__("safetensors.torch").torch.load_file(str(checkpoint / "trainer_weights.safetensors")).values())
         assert state["step"] >= 1
 
 

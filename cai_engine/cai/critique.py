@@ -153,6 +153,9 @@ def run_critique(llm: LLM, tokenizer: Tokenizer, constitution: Constitution, pro
     start = time.perf_counter()
     for first in range(0, len(todo), config.batch_size):
         batch = todo[first: first + config.batch_size]
+        # every batch starts from an empty prefix cache, as the first batch of a resumed run does: a cached
+        # prefix and a recomputed one can differ in the last bits, enough to flip a sampled token
+        llm.reset_prefix_cache()
         conversations = _run_batch(llm, tokenizer, constitution, batch, config, prefix_ids, settings, stats)
         for c in conversations:
             append_jsonl(out_path, c.record)

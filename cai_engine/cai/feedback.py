@@ -204,13 +204,19 @@ def label_pairs(model: Transformer, tokenizer: Tokenizer, pairs: Sequence[tuple[
         llm = LLM(model, tokenizer)  # one engine for every batch: its prefix cache keeps the few-shot prefix
     written = 0
     with tqdm(total=len(pairs), initial=len(done), desc="feedback", disable=not _show(progress)) as bar:
-        for start in range(len(done), len(pairs), config.batch_pairs):
+        # batches sit on fixed boundaries, so a resumed run packs and scores every pair exactly as an
+        # uninterrupted one (other neighbours in a batch change the last bits); a batch a kill cut short is
+        # scored whole again and only its missing records are written
+        for start in range(len(done) - len(done) % config.batch_pairs, len(pairs), config.batch_pairs):
             batch = pairs[start:start + config.batch_pairs]
-            for record in label_batch(model, tokenizer, batch, principles, few_shot, config,
-                                      first_index=start, llm=llm, progress=False):
+            if llm is not None:
+                llm.reset_prefix_cache()  # as at the start of a resumed run
+            records = label_batch(model, tokenizer, batch, principles, few_shot, config, first_index=start, llm=llm,
+                                  progress=False)
+            for record in records[max(0, len(done) - start):]:
                 append_jsonl(out_path, record)
                 written += 1
-            bar.update(len(batch))
+            bar.update(len(records) - max(0, len(done) - start))
     return {"written": written, "skipped": len(done)}
 
 

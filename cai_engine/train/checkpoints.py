@@ -1,8 +1,10 @@
 """Training checkpoints: written atomically, kept K at a time, enough to resume bit for bit.
 
-A checkpoint folder `checkpoint-<step>` holds the fp32 master weights (`model.safetensors`), the optimizer
-state (safetensors + JSON, never pickled), every RNG state, and `trainer_state.json` (step, epoch, history,
-the resolved config). It is built under a hidden temporary name, every file and the folder fsynced, then
+A checkpoint folder `checkpoint-<step>` is a Hugging Face model folder (the trainer's export: config,
+`model.safetensors`, tokenizer; it loads in transformers and in `load_model`) plus what a resume needs: the
+trainable module's fp32 master weights under our names (`trainer_weights.safetensors`: for RL that includes
+the value head or critic), the optimizer state (safetensors + JSON, never pickled), every RNG state, and
+`trainer_state.json` (step, epoch, history, the resolved config). It is built under a hidden temporary name, every file and the folder fsynced, then
 renamed into place, so a kill at any moment leaves either the old checkpoint or the new one, never half of
 one. Hidden leftovers of a killed write are removed when the next run starts.
 """
@@ -23,6 +25,7 @@ from ..io import FILE_MODE, atomic_write_json, fsync_dir, read_json
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "trainer_weights.safetensors"
 
 
 def write_folder(root: Path, name: str, write: Callable[[Path], None]) -> Path:
@@ -96,20 +99,21 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def save_weights(model: torch.nn.Module, directory: Path) -> None:
     """The trainable module's parameters exactly as they are (fp32 masters); shared tensors stored once."""
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
-    save_tensors(tensors, directory / "model.safetensors")
+    save_tensors(tensors, directory / WEIGHTS_FILE)
 
 
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
-    tensors = load_file(str(directory / "model.safetensors"))
+    path = directory / WEIGHTS_FILE
+    tensors = load_file(str(path))
     params = dict(model.named_parameters())
     if set(tensors) != set(params):
         missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        raise ValueError(f"{directory / 'model.safetensors'}: does not match the model "
+        raise ValueError(f"{path}: does not match the model "
                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
     with torch.no_grad():
         for name, p in params.items():
             if tensors[name].shape != p.shape:
-                raise ValueError(f"{directory / 'model.safetensors'}: tensor {name!r} has shape "
+                raise ValueError(f"{path}: tensor {name!r} has shape "
                                  f"{tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
             p.copy_(tensors[name])
 

@@ -144,7 +144,7 @@ def disk_plan(task: TrainTask, settings: LoopSettings) -> str:
     """How much disk the stage's checkpoints and final model will take, for the plan printed at start."""
     params = sum(p.numel() for p in task.model.parameters())
     trainable = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
-    each = params * 4 + trainable * 8  # fp32 masters + two fp32 Adam moments
+    each = params * 4 + trainable * 12  # the HF export + fp32 masters + two fp32 Adam moments
     kept = min(settings.checkpoint.keep, 1 + (task.total_steps // settings.checkpoint.every
                                                if settings.checkpoint.every else 0))
     final = params * 4
@@ -189,9 +189,10 @@ def run_training(task: TrainTask, settings: LoopSettings, log: Callable[[str], N
         if is_main():
             state = {"step": step, "total_steps": task.total_steps, "history": history, "config": settings.config}
             extra = task.state() if task.state is not None else None
-            ckpt.write_folder(stage_dir, f"{ckpt.PREFIX}{step}",
-                              lambda d: ckpt.save_training_state(d, model=model, optimizer=optimizer, state=state,
-                                                                 extra=extra))
+            def write(directory: Path) -> None:
+                task.export(model, directory)  # a Hugging Face folder: any checkpoint can be loaded or evaluated
+                ckpt.save_training_state(directory, model=model, optimizer=optimizer, state=state, extra=extra)
+            ckpt.write_folder(stage_dir, f"{ckpt.PREFIX}{step}", write)
             ckpt.prune(stage_dir, settings.checkpoint.keep)
         barrier()
 

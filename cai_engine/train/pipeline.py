@@ -212,8 +212,8 @@ def _duration(seconds: float) -> str:
 
 
 def disk_needed(config: RunConfig, plans: list[StagePlan], parameters: int) -> int:
-    """Bytes the training stages still to run will write at most: kept checkpoints (fp32 weights + two Adam
-    moments) and the final fp32 model; the generation stages' JSONL is small beside them."""
+    """Bytes the training stages still to run will write at most: kept checkpoints (the HF export, fp32
+    masters, two Adam moments) and the final fp32 model; the generation stages' JSONL is small beside them."""
     total = 0
     for plan in plans:
         if plan.action == "skip" or plan.stage not in ("sft", "pm", "rl"):
@@ -221,7 +221,7 @@ def disk_needed(config: RunConfig, plans: list[StagePlan], parameters: int) -> i
         every = config.checkpoint.every
         kept = min(config.checkpoint.keep, 1 + (plan.work.steps // every if every else 0))
         models = 2 if plan.stage == "rl" and config.rl.value_model == "critic" else 1
-        total += models * parameters * (kept * 12 + 4)
+        total += models * parameters * (kept * 16 + 4)
     return total
 
 

@@ -40,7 +40,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "critique": {"limit": 24, "rounds": 2, "max_new_tokens": 96, "batch_size": 8, "kv_cache_mb": 768},
         "sft": {"epochs": 3, "batch_rows": 2, "max_seq_len": 512, "lr": 2e-5},
         "feedback": {"limit": 32, "max_new_tokens": 96, "principles_per_pair": 2, "batch_pairs": 8},
-        "pm": {"epochs": 2},
         "rl": {"value_model": "head", "limit": 16, "prompts_per_batch": 8, "max_new_tokens": 64,
                "epochs_per_batch": 1, "lr": 2e-6},
     },

@@ -43,7 +43,7 @@ def hh_prompt(prompt: Prompt) -> str:
 def check_stage_config(stage_dir: Path, key: dict[str, Any], allow_change: bool, log) -> None:
     """A stage remembers the config its outputs were made with (`stage.json`); another one is refused."""
     path = stage_dir / "stage.json"
-    if path.is_file():
+    if has_outputs(stage_dir):
         changed = diff(read_json(path)["config"], key)
         if changed and not allow_change:
             raise ConfigError(f"{stage_dir} was made with another config: {'; '.join(changed)}. Use another run "
@@ -55,10 +55,15 @@ def check_stage_config(stage_dir: Path, key: dict[str, Any], allow_change: bool,
         atomic_write_json(path, {"config": key})
 
 
+def has_outputs(stage_dir: Path) -> bool:
+    """Whether a stage wrote anything beyond its `stage.json` (a start that failed on bad input did not)."""
+    return (stage_dir / "stage.json").is_file() and any(p.name != "stage.json" for p in stage_dir.iterdir())
+
+
 def stage_status(run_dir: Path, stage: str, key: dict[str, Any]) -> tuple[str, list[str]]:
-    """"new" (never started), "finished" / "interrupted" (with this config), or "changed" (with the keys)."""
+    """"new" (nothing written yet), "finished" / "interrupted" (with this config), or "changed" (with the keys)."""
     stage_dir = run_dir / stage
-    if not (stage_dir / "stage.json").is_file():
+    if not has_outputs(stage_dir):
         return "new", []
     changed = diff(read_json(stage_dir / "stage.json")["config"], key)
     if changed:
