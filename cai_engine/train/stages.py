@@ -25,7 +25,7 @@ from ..model.loading import load_model
 from .config import ConfigError, RunConfig, diff
 from .precision import resolve_device
 
-STAGES = ("critique", "sft", "feedback", "pm", "rl")
+STAGES = ("critique", "sft", "feedback", "pm", "rl", "report")
 
 
 def stage_prompts(path: str, limit: int) -> list[Prompt]:
@@ -158,4 +158,7 @@ def run_stage(stage: str, config: RunConfig, *, allow_config_change: bool, progr
         if summary.already_finished:
             return f"rl: already finished; policy at {summary.final}"
         return f"rl: {summary.steps} optimizer steps in {summary.seconds:.1f}s; policy at {summary.final}"
+    if stage == "report":
+        from .report import run_report_stage
+        return run_report_stage(config, allow_config_change=allow_config_change, progress=progress, log=log)
     raise ConfigError(f"unknown stage {stage!r}: expected one of {', '.join(STAGES)}")
