@@ -27,6 +27,7 @@ from ..cai.feedback import FeedbackConfig
 from ..cai.multiple_choice import fast_dtype
 from ..data.prompts import Prompt, load_prompts
 from ..engine import LLM
+from ..eval.mc import read_mc_questions
 from ..io import append_jsonl, atomic_write_text, read_jsonl
 from ..model.heads import RewardModel
 from ..model.loading import load_model
@@ -181,7 +182,7 @@ def judged_wins(config: RunConfig, models: Sequence[Candidate], prompts: Sequenc
     few_shot = "".join(e.prompt + e.corrects[0] + "\n\n" for e in constitution.comparison_few_shot)
     f = config.feedback
     settings = FeedbackConfig(principles_per_pair=f.principles_per_pair, chat_template=f.chat_template,
-                              seed=config.run.seed, batch_pairs=f.batch_pairs)
+                              seed=config.run.seed)
     conversations = [hh_prompt(p) for p in prompts]
     baseline = [answers[("M0", p.id)]["answer"] for p in prompts]
     out = {}
@@ -227,7 +228,7 @@ def caveats(config: RunConfig, tables: dict[str, list[Row]]) -> list[str]:
         undecided = [r.model.label for r in rows if r.win is not None and r.win.low <= 0.5 <= r.win.high]
         if undecided:
             out.append(f"{kind}: the 95% interval of the win rate of {' and '.join(undecided)} includes 50%: the "
-                       "judge cannot tell it from M0 on these prompts.")
+                       f"judge cannot tell {'it' if len(undecided) == 1 else 'them'} from M0 on these prompts.")
         spans = [(r.pm[0] - 1.96 * r.pm[1], r.pm[0] + 1.96 * r.pm[1]) for r in rows
                  if r.pm is not None and not math.isnan(r.pm[1])]
         if len(spans) > 1 and max(low for low, _ in spans) <= min(high for _, high in spans):
@@ -326,6 +327,7 @@ def run_report_stage(config: RunConfig, *, allow_config_change: bool, progress: 
     for file in s.mc_evals:
         if not Path(file).is_file():
             raise ConfigError(f"report.mc_evals: {file!r}: file not found")
+        read_mc_questions(file)  # a malformed line fails now, not after the answers are generated
     # only what changes an answer; the judge, the evals and the samples shown are recomputed on every run
     key = {"model": config.section("model"), "run": {"seed": config.run.seed},
            "report": {k: getattr(s, k) for k in ("prompts", "max_new_tokens", "temperature")}}
