@@ -275,13 +275,14 @@ def render(config: RunConfig, models: Sequence[Candidate], missing: Sequence[str
     for kind, rows in tables.items():
         lines += [f"## {kind} prompts ({rows[0].n})", ""]
         header = ["model"] + (["PM score (mean ± s.e.)"] if has_pm else []) + \
-                 ["win rate vs M0", "mean answer tokens", "refusals"]
+                 (["win rate vs M0"] if len(models) > 1 else []) + ["mean answer tokens", "refusals"]
         lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for r in rows:
             values = [f"{r.model.label} ({r.model.role})"]
             if has_pm:
                 values.append(f"{r.pm[0]:.3f} ± {r.pm[1]:.3f}" if not math.isnan(r.pm[1]) else f"{r.pm[0]:.3f}")
-            values.append(f"{percent(r.win)}, {r.win_probability:.2f}" if r.win is not None else "—")
+            if len(models) > 1:
+                values.append(f"{percent(r.win)}, {r.win_probability:.2f}" if r.win is not None else "—")
             values += [f"{r.length:.1f}", f"{percent(r.refusals)} ({int(r.refusals.count)}/{r.n})"]
             lines.append("| " + " | ".join(values) + " |")
         lines.append("")
