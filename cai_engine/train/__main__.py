@@ -43,7 +43,8 @@ STAGES = {"critique": "sample answers, then critique and revise them against the
           "sft": "finetune the model on its revised answers (SL-CAI)",
           "feedback": "sample answer pairs from the SL-CAI model and label them by AI feedback (RL-CAI)",
           "pm": "train a preference model on comparisons JSONL",
-          "rl": "PPO or RLOO against the preference model with a KL penalty (RL-CAI)"}
+          "rl": "PPO or RLOO against the preference model with a KL penalty (RL-CAI)",
+          "report": "compare the initial, SL-CAI and RL-CAI models on held-out prompts -> report.md + plots"}
 
 
 def stage_flags(stage: str) -> dict[str, str]:

@@ -216,6 +216,23 @@ class RLSection:
 
 
 @dataclass(slots=True)
+class ReportSection:
+    prompts: str = setting("", "prompts JSONL; empty = the built-in held-out split (red-team and helpful, "
+                           "reported apart)")
+    limit: int = setting(0, "only the first N prompts of each kind (0 = all)", check="non_negative")
+    max_new_tokens: int = setting(128, "answer tokens generated at most", check="positive")
+    temperature: float = setting(0.0, "sampling temperature of the answers (0 = greedy)", check="non_negative")
+    judge: str = setting("", "model that judges win rates (empty = feedback.feedback_model, else model.name)")
+    mc_evals: list[str] = setting([], "multiple-choice eval JSONL files (prompt, corrects, incorrects) run on "
+                                  "every model")
+    samples: int = setting(3, "prompts shown side by side (every model's answer) in report.md",
+                           check="non_negative")
+    batch_size: int = setting(16, "prompts answered together (answers are appended after each batch)",
+                              check="positive")
+    kv_cache_mb: int = setting(512, "the sampler's KV cache", check="positive")
+
+
+@dataclass(slots=True)
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -227,6 +244,7 @@ class RunConfig:
     feedback: FeedbackSection = field(default_factory=FeedbackSection)
     pm: PMSection = field(default_factory=PMSection)
     rl: RLSection = field(default_factory=RLSection)
+    report: ReportSection = field(default_factory=ReportSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return asdict(self)
@@ -451,7 +469,8 @@ def resolve(*, config_file: str | None = None, flags: dict[str, Any] | None = No
 # the sections each stage's results depend on, beside its own section, the model and the seed; a stage whose
 # part of the config changed is stale (refused by a stage command, rerun with the stages after it by the pipeline)
 STAGE_INPUTS = {"critique": (), "sft": ("precision", "optimizer"), "feedback": ("critique.constitution",),
-                "pm": ("precision", "optimizer"), "rl": ("precision", "optimizer")}
+                "pm": ("precision", "optimizer"), "rl": ("precision", "optimizer"),
+                "report": ("feedback.feedback_model",)}
 
 
 def stage_key(config: RunConfig, stage: str) -> dict[str, dict[str, Any]]:
@@ -466,5 +485,5 @@ def stage_key(config: RunConfig, stage: str) -> dict[str, dict[str, Any]]:
 
 
 __all__ = ["CheckpointSection", "ConfigError", "ModelSection", "OptimizerSection", "PMSection", "PrecisionSection",
-           "RLSection", "RunConfig", "RunSection", "SFTSection", "apply_mapping", "apply_override", "diff", "field_help", "load_toml",
-           "resolve", "setting", "stage_key", "to_toml", "validate"]
+           "RLSection", "ReportSection", "RunConfig", "RunSection", "SFTSection", "apply_mapping", "apply_override",
+           "diff", "field_help", "load_toml", "resolve", "setting", "stage_key", "to_toml", "validate"]

@@ -34,6 +34,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "pm": {"epochs": 2, "batch_groups": 2, "eval_fraction": 0.2, "lr": 1e-3},
         "rl": {"limit": 4, "prompts_per_batch": 2, "max_new_tokens": 6, "epochs_per_batch": 1, "minibatches": 1,
                "micro_rows": 2, "lr": 1e-4, "kv_cache_mb": 16},
+        # sampled: the random model's greedy answer is all special tokens, an empty text
+        "report": {"limit": 2, "max_new_tokens": 8, "temperature": 1.0, "batch_size": 2, "kv_cache_mb": 16},
     },
     # also the base of a stage command run without --preset, so the two agree on what a run folder holds
     "default": {
@@ -42,6 +44,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "feedback": {"limit": 32, "max_new_tokens": 96, "principles_per_pair": 2, "batch_pairs": 8},
         "rl": {"value_model": "head", "limit": 16, "prompts_per_batch": 8, "max_new_tokens": 64,
                "epochs_per_batch": 1, "lr": 2e-6},
+        "report": {"limit": 12, "max_new_tokens": 96},
     },
     "gpu": {
         "run": {"dir": "runs/gpu"},
@@ -55,6 +58,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "rl": {"algorithm": "ppo", "value_model": "critic", "limit": 0, "prompts_per_batch": 64,
                "samples_per_prompt": 4, "max_new_tokens": 256, "epochs_per_batch": 2, "minibatches": 4,
                "micro_rows": 16, "lr": 1e-6, "kv_cache_mb": 16384},
+        "report": {"limit": 0, "max_new_tokens": 256, "batch_size": 64, "kv_cache_mb": 16384},
     },
 }
 

@@ -27,7 +27,7 @@ from .config import ConfigError, RunConfig, diff, stage_key
 from .distributed import barrier, is_main
 from .precision import resolve_device
 
-STAGES = ("critique", "sft", "feedback", "pm", "rl")
+STAGES = ("critique", "sft", "feedback", "pm", "rl", "report")
 
 
 def stage_prompts(path: str, limit: int) -> list[Prompt]:
@@ -197,4 +197,10 @@ def _rl(config: RunConfig, *, allow_config_change: bool, progress: bool, log) ->
     return f"rl: {summary.steps} optimizer steps in {summary.seconds:.1f}s; policy at {summary.final}"
 
 
-_STAGE_RUNNERS = {"critique": _critique, "sft": _sft, "feedback": _feedback, "pm": _pm, "rl": _rl}
+def _report(config: RunConfig, *, allow_config_change: bool, progress: bool, log) -> str:
+    from .report import run_report_stage
+    return run_report_stage(config, allow_config_change=allow_config_change, progress=progress, log=log)
+
+
+_STAGE_RUNNERS = {"critique": _critique, "sft": _sft, "feedback": _feedback, "pm": _pm, "rl": _rl,
+                  "report": _report}
