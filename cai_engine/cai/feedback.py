@@ -180,11 +180,13 @@ def label_batch(model: Transformer, tokenizer: Tokenizer, pairs: Sequence[tuple[
 def label_pairs(model: Transformer, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str, str]],
                 principles: Sequence[tuple[str, str]], few_shot: str, out_path: str | os.PathLike,
                 config: FeedbackConfig | None = None, *, llm: LLM | None = None,
-                progress: bool | None = None) -> dict:
+                progress: bool | None = None, first_index: int = 0) -> dict:
     """Label every (prompt, first, second) pair into `out_path`, appending whole records as they are done.
 
     Resumes: a torn last line is dropped, records already written are checked against the input pairs
-    and the config, and labelling continues after them. Returns {"written": n, "skipped": n}.
+    and the config, and labelling continues after them. `first_index` is the number of pairs[0] in a longer
+    list this is one block of: principles are drawn by that number, so a block's labels are the ones the whole
+    list would get. Returns {"written": n, "skipped": n}.
     """
     config = config or FeedbackConfig()
     config.validate()
@@ -195,7 +197,7 @@ def label_pairs(model: Transformer, tokenizer: Tokenizer, pairs: Sequence[tuple[
         raise ValueError(f"{out_path}: holds {len(done)} records but there are only {len(pairs)} pairs")
     for i, record in enumerate(done):
         if not isinstance(record, dict) or [record.get("prompt")] + list(record.get("responses") or []) != list(pairs[i]):
-            raise ValueError(f"{out_path}:{i + 1}: the record does not match pairs[{i}]; "
+            raise ValueError(f"{out_path}:{i + 1}: the record does not match pairs[{first_index + i}]; "
                              "remove the file to relabel different pairs")
         if (record.get("feedback") or {}).get("config") != config.provenance():
             raise ValueError(f"{out_path}:{i + 1}: written with another feedback config "
@@ -207,7 +209,7 @@ def label_pairs(model: Transformer, tokenizer: Tokenizer, pairs: Sequence[tuple[
         for start in range(len(done), len(pairs), config.batch_pairs):
             batch = pairs[start:start + config.batch_pairs]
             for record in label_batch(model, tokenizer, batch, principles, few_shot, config,
-                                      first_index=start, llm=llm, progress=False):
+                                      first_index=first_index + start, llm=llm, progress=False):
                 append_jsonl(out_path, record)
                 written += 1
             bar.update(len(batch))

@@ -4,8 +4,14 @@ Without a process group every helper answers for a single process, so trainers c
 """
 from __future__ import annotations
 
+from typing import Any, Callable, TypeVar
+
 import torch
 import torch.distributed as dist
+
+from .config import ConfigError
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -36,6 +42,25 @@ def all_reduce_sum(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t)
+
+
+def broadcast_from_main(work: Callable[[], T]) -> T:
+    """Run `work` on rank 0 only (it reads and writes files) and hand its result, or its error, to every rank:
+    a refusal stops all ranks at once instead of leaving the others waiting at the next collective."""
+    if not is_distributed():
+        return work()
+    box: list[Any] = [None]
+    if is_main():
+        try:
+            box[0] = ("ok", work())
+        except Exception as e:
+            dist.broadcast_object_list([("error", str(e))], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
