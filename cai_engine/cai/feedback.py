@@ -193,6 +193,11 @@ def label_pairs(model: Transformer, tokenizer: Tokenizer, pairs: Sequence[tuple[
     check_inputs(pairs, principles)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     done = read_jsonl(out_path)
+    if len(done) < len(pairs) and len(done) % config.batch_pairs:
+        # a kill while a batch's records were appended: redo that whole batch, since a batch's makeup changes
+        # the last bits of its scores and an unkilled run scores these pairs together
+        whole = len(done) - len(done) % config.batch_pairs
+        done = read_jsonl(out_path, keep=lambda r: (r.get("feedback") or {}).get("index", 0) < first_index + whole)
     if len(done) > len(pairs):
         raise ValueError(f"{out_path}: holds {len(done)} records but there are only {len(pairs)} pairs")
     for i, record in enumerate(done):

@@ -23,9 +23,11 @@ from .config import ConfigError
 from .distributed import barrier, broadcast_from_main, rank, world_size
 
 
-def block(total: int, index: int, world: int) -> range:
-    """Item positions of shard `index` of `world`: contiguous, sizes differing by at most one."""
-    return range(total * index // world, total * (index + 1) // world)
+def block(total: int, index: int, world: int, unit: int = 1) -> range:
+    """Item positions of shard `index` of `world`: contiguous, whole `unit`s of items (a stage's batches, whose
+    makeup changes the last bits of a batched forward), as many units in each as can be."""
+    units = -(-total // unit)
+    return range(min(total, unit * (units * index // world)), min(total, unit * (units * (index + 1) // world)))
 
 
 def shard_path(output: Path, index: int, world: int) -> Path:
@@ -39,12 +41,13 @@ class Shards:
     key_of: Callable[[Any], Hashable]     # the identity of the item a record was made for
     rank: int
     world: int
+    unit: int                             # blocks are made of whole units of this many items
     finished: bool                        # the output already holds every item's record: nothing to do
 
     @property
     def items(self) -> range:
         """This rank's item positions."""
-        return block(len(self.keys), self.rank, self.world)
+        return block(len(self.keys), self.rank, self.world, self.unit)
 
     @property
     def path(self) -> Path:
@@ -56,12 +59,12 @@ class Shards:
         return self.finished or _holds(self.path, [self.keys[i] for i in self.items], self.key_of)
 
 
-def open_shards(output: Path, keys: list[Hashable], key_of: Callable[[Any], Hashable]) -> Shards:
+def open_shards(output: Path, keys: list[Hashable], key_of: Callable[[Any], Hashable], unit: int = 1) -> Shards:
     """Every rank calls this before generating. Rank 0 looks at what earlier runs left (gathering complete
     shards of any world size, refusing unfinished ones of another) and tells every rank the verdict."""
     world = world_size()
-    finished = broadcast_from_main(lambda: _inspect(output, keys, key_of, world))
-    return Shards(output, keys, key_of, rank(), world, finished)
+    finished = broadcast_from_main(lambda: _inspect(output, keys, key_of, world, unit))
+    return Shards(output, keys, key_of, rank(), world, unit, finished)
 
 
 def gather(shards: Shards) -> None:
@@ -69,7 +72,7 @@ def gather(shards: Shards) -> None:
     if shards.world == 1 or shards.finished:
         return
     barrier()
-    broadcast_from_main(lambda: _gather(shards.output, shards.keys, shards.key_of, shards.world))
+    broadcast_from_main(lambda: _gather(shards.output, shards.keys, shards.key_of, shards.world, shards.unit))
 
 
 def _holds(path: Path, keys: list[Hashable], key_of) -> bool:
@@ -87,7 +90,7 @@ def _leftovers(output: Path) -> dict[int, list[Path]]:
     return found
 
 
-def _inspect(output: Path, keys: list[Hashable], key_of, world: int) -> bool:
+def _inspect(output: Path, keys: list[Hashable], key_of, world: int, unit: int) -> bool:
     leftovers = _leftovers(output)
     if _holds(output, keys, key_of):
         for paths in leftovers.values():  # a gather that was killed after its write, before the clean-up
@@ -95,9 +98,9 @@ def _inspect(output: Path, keys: list[Hashable], key_of, world: int) -> bool:
                 path.unlink(missing_ok=True)
         return True
     for other, paths in sorted(leftovers.items()):
-        if all(_holds(shard_path(output, i, other), [keys[j] for j in block(len(keys), i, other)], key_of)
+        if all(_holds(shard_path(output, i, other), [keys[j] for j in block(len(keys), i, other, unit)], key_of)
                for i in range(other)):
-            _gather(output, keys, key_of, other)
+            _gather(output, keys, key_of, other, unit)
             return True
         if other != world:
             raise ConfigError(f"unfinished shards of a {other}-process run: {', '.join(p.name for p in paths)} in "
@@ -108,10 +111,10 @@ def _inspect(output: Path, keys: list[Hashable], key_of, world: int) -> bool:
     return False
 
 
-def _gather(output: Path, keys: list[Hashable], key_of, world: int) -> None:
+def _gather(output: Path, keys: list[Hashable], key_of, world: int, unit: int) -> None:
     parts = []
     for i in range(world):
-        path, expected = shard_path(output, i, world), [keys[j] for j in block(len(keys), i, world)]
+        path, expected = shard_path(output, i, world), [keys[j] for j in block(len(keys), i, world, unit)]
         if not _holds(path, expected, key_of):
             raise ConfigError(f"{path}: does not hold the {len(expected)} records of rank {i}'s block; "
                               "rerun the same command to finish it")

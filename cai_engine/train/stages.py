@@ -142,7 +142,7 @@ def run_feedback_stage(config: RunConfig, *, allow_config_change: bool, log: Cal
     pairs = sample_pairs(config, prompts, log)
     out = stage_dir / "comparisons.jsonl"
     shards = open_shards(out, [tuple(pair) for pair in pairs],
-                         key_of=lambda record: (record["prompt"], *record["responses"]))
+                         key_of=lambda record: (record["prompt"], *record["responses"]), unit=s.batch_pairs)
     if shards.finished:
         return f"feedback: all {len(pairs)} pairs already labelled; comparisons at {out}"
     judge = s.feedback_model or config.model.name
