@@ -5,12 +5,14 @@ byte-identical to a single process's. That holds because every record depends on
 and because these runs sample in fp32 (`--precision fp32`): in bf16 a prefix-cache hit reads K/V that were
 rounded into the cache, a fresh prefill does not, and which prefixes a process has cached depends on which
 prompts it ran, so a few bf16 records differ. Training stages (sft, pm) run DDP: each rank sums half of every
-step's examples, so the losses equal one process's up to summation order (rel 1e-4).
+step's examples, so the losses equal one process's up to summation order (rel 1e-4); so do FSDP2's
+(`run.parallel = fsdp`).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +69,22 @@ def test_pipeline_on_two_processes_matches_one(tmp_path):
             assert len(single) == len(ddp) >= 3 and single[-1] != single[0]
             assert ddp == pytest.approx(single, rel=1e-4)
         assert not [p.name for p in (two / stage).iterdir() if ".rank" in p.name]  # shards gone once gathered
+    # FSDP2 over gloo: the same steps on sharded parameters, gradients and optimizer state
+    fsdp = tmp_path / "fsdp"
+    for stage in ("critique", "feedback"):
+        shutil.copytree(two / stage, fsdp / stage)
+    for args in (SFT, PM):
+        sharded = torchrun([*args, "--run-dir", str(fsdp), "--set", "run.parallel=fsdp", "--checkpoint-every", "2"])
+        assert sharded.returncode == 0, sharded.stdout + sharded.stderr
+        assert losses(fsdp, args[0]) == pytest.approx(losses(one, args[0]), rel=1e-4)
+    # its checkpoints hold whole tensors: resuming SFT from step 2 (sharding them again) ends bit-identical
+    final = (fsdp / "sft" / "final" / "model.safetensors").read_bytes()
+    for path in ("final", "summary.json", "checkpoint-4"):
+        shutil.rmtree(fsdp / "sft" / path) if (fsdp / "sft" / path).is_dir() else (fsdp / "sft" / path).unlink()
+    resumed = torchrun([*SFT, "--run-dir", str(fsdp), "--set", "run.parallel=fsdp", "--checkpoint-every", "2"])
+    assert "resuming sft from checkpoint-2" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert (fsdp / "sft" / "final" / "model.safetensors").read_bytes() == final
+    assert train_main(["rl", *TINY, "--run-dir", str(one), "--set", "run.parallel=fsdp"]) == 2  # refused: see rl.py
 
 
 def _killed_mid_critique(run: Path, args: list[str]) -> None:

@@ -47,6 +47,9 @@ class RunSection:
     dir: str = setting("runs/cai", "run folder: each stage writes <dir>/<stage>/")
     seed: int = setting(0, "seed of every random choice (data order, sampling, initialisation)")
     device: str = setting("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    parallel: str = setting("ddp", "training stages under torchrun: ddp (a whole model per rank) or fsdp (FSDP2: "
+                            "parameters, gradients and optimizer state sharded over the ranks; sft and pm)",
+                            choices=("ddp", "fsdp"))
 
 
 @dataclass(slots=True)
