@@ -2,8 +2,9 @@
 
 critique -> sft -> feedback -> pm -> rl, each writing `<run.dir>/<stage>/` and reading only the files the
 stages before it wrote (see PIPELINE.md). The training stages run on the trainer loop; the generation
-stages (critique, feedback) append whole records to JSONL and resume after the last one. A stage folder
-made with another config is refused, naming the keys, unless the change is allowed on purpose.
+stages (critique, feedback) append whole records to JSONL and resume after the last one; under torchrun each
+rank takes a block of the prompts and rank 0 gathers them in order (`shards.py`). A stage folder made with
+another config is refused, naming the keys, unless the change is allowed on purpose.
 """
 from __future__ import annotations
 
