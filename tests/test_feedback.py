@@ -140,6 +140,25 @@ def test_label_pairs_resumes_after_a_torn_line(tiny, tmp_path):
         label_pairs(model, tok, [pairs[0], pairs[2]] + pairs[2:], PRINCIPLES, FEW_SHOT, torn, config)
 
 
+def test_a_kill_inside_a_batch_redoes_the_batch_and_blocks_label_as_the_whole_list(tiny, tmp_path):
+    """Scores are batched, and a batch's makeup moves their last bits: a resume redoes a half-written batch so
+    the file equals an unkilled run's byte for byte; a block labelled alone (as one rank under torchrun labels
+    its share) with its `first_index` draws the principles, and writes the records, the whole list would."""
+    model, tok = tiny
+    config = FeedbackConfig(principles_per_pair=2, batch_pairs=2)
+    pairs = PAIRS * 2
+    whole = tmp_path / "whole.jsonl"
+    label_pairs(model, tok, pairs, PRINCIPLES, FEW_SHOT, whole, config)
+    lines = whole.read_bytes().splitlines(keepends=True)
+    killed = tmp_path / "killed.jsonl"
+    killed.write_bytes(b"".join(lines[:3]))  # the second batch's first record made it, its second did not
+    assert label_pairs(model, tok, pairs, PRINCIPLES, FEW_SHOT, killed, config) == {"written": 4, "skipped": 2}
+    assert killed.read_bytes() == whole.read_bytes()
+    part = tmp_path / "block.jsonl"
+    assert label_pairs(model, tok, pairs[2:], PRINCIPLES, FEW_SHOT, part, config, first_index=2)["written"] == 4
+    assert part.read_bytes() == b"".join(lines[2:])
+
+
 def test_read_jsonl_drops_only_a_torn_end(tmp_path):
     path = tmp_path / "r.jsonl"
     assert read_jsonl(path) == []

@@ -180,22 +180,29 @@ def label_batch(model: Transformer, tokenizer: Tokenizer, pairs: Sequence[tuple[
 def label_pairs(model: Transformer, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str, str]],
                 principles: Sequence[tuple[str, str]], few_shot: str, out_path: str | os.PathLike,
                 config: FeedbackConfig | None = None, *, llm: LLM | None = None,
-                progress: bool | None = None) -> dict:
+                progress: bool | None = None, first_index: int = 0) -> dict:
     """Label every (prompt, first, second) pair into `out_path`, appending whole records as they are done.
 
     Resumes: a torn last line is dropped, records already written are checked against the input pairs
-    and the config, and labelling continues after them. Returns {"written": n, "skipped": n}.
+    and the config, and labelling continues after them. `first_index` is the number of pairs[0] in a longer
+    list this is one block of: principles are drawn by that number, so a block's labels are the ones the whole
+    list would get. Returns {"written": n, "skipped": n}.
     """
     config = config or FeedbackConfig()
     config.validate()
     check_inputs(pairs, principles)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     done = read_jsonl(out_path)
+    if len(done) < len(pairs) and len(done) % config.batch_pairs:
+        # a kill while a batch's records were appended: redo that whole batch, since a batch's makeup changes
+        # the last bits of its scores and an unkilled run scores these pairs together
+        whole = len(done) - len(done) % config.batch_pairs
+        done = read_jsonl(out_path, keep=lambda r: (r.get("feedback") or {}).get("index", 0) < first_index + whole)
     if len(done) > len(pairs):
         raise ValueError(f"{out_path}: holds {len(done)} records but there are only {len(pairs)} pairs")
     for i, record in enumerate(done):
         if not isinstance(record, dict) or [record.get("prompt")] + list(record.get("responses") or []) != list(pairs[i]):
-            raise ValueError(f"{out_path}:{i + 1}: the record does not match pairs[{i}]; "
+            raise ValueError(f"{out_path}:{i + 1}: the record does not match pairs[{first_index + i}]; "
                              "remove the file to relabel different pairs")
         if (record.get("feedback") or {}).get("config") != config.provenance():
             raise ValueError(f"{out_path}:{i + 1}: written with another feedback config "
@@ -211,7 +218,7 @@ def label_pairs(model: Transformer, tokenizer: Tokenizer, pairs: Sequence[tuple[
             batch = pairs[start:start + config.batch_pairs]
             if llm is not None:
                 llm.reset_prefix_cache()  # as at the start of a resumed run
-            records = label_batch(model, tokenizer, batch, principles, few_shot, config, first_index=start, llm=llm,
+            records = label_batch(model, tokenizer, batch, principles, few_shot, config, first_index=first_index + start, llm=llm,
                                   progress=False)
             for record in records[max(0, len(done) - start):]:
                 append_jsonl(out_path, record)

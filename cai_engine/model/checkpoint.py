@@ -1,7 +1,6 @@
 """Hugging Face layout: config.json + *.safetensors (+ index) + tokenizer files. Never unpickles anything."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

@@ -118,9 +118,10 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
             p.copy_(tensors[name])
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Optimizer state as safetensors + JSON (never pickled): tensors keyed '<param index>.<name>'."""
-    state = optimizer.state_dict()
+def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path, state: dict | None = None) -> None:
+    """Optimizer state as safetensors + JSON (never pickled): tensors keyed '<param index>.<name>'. `state`: the
+    state dict to write when it is not the optimizer's own (FSDP2's, gathered whole)."""
+    state = state if state is not None else optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
@@ -168,19 +169,19 @@ def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_training_state(directory: Path, *, model, optimizer, state: dict,
-                        extra: dict[str, torch.Tensor] | None = None) -> None:
+                        extra: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None) -> None:
     if extra is not None:  # a trainer's own state (a rollout buffer, an adaptive coefficient)
         save_tensors({k: v.detach().cpu().contiguous() for k, v in extra.items()}, directory / "task_state.safetensors")
     save_weights(model, directory)
-    save_optimizer(optimizer, directory)
+    save_optimizer(optimizer, directory, optimizer_state)
     meta, tensors = rng_state()
     save_tensors(tensors, directory / "rng.safetensors")
     atomic_write_json(directory / STATE_FILE, {**state, "rng": meta})
 
 
-def load_training_state(directory: Path, *, model, optimizer) -> dict:
+def load_training_state(directory: Path, *, optimizer) -> dict:
+    """Optimizer, RNGs and trainer state (the weights go in first, with `load_weights`, before any wrapping)."""
     state = read_json(directory / STATE_FILE)
-    load_weights(model, directory)
     load_optimizer(optimizer, directory)
     set_rng_state(state.pop("rng"), load_file(str(directory / "rng.safetensors")))
     return state

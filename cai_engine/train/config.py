@@ -47,6 +47,9 @@ class RunSection:
     dir: str = setting("runs/cai", "run folder: each stage writes <dir>/<stage>/")
     seed: int = setting(0, "seed of every random choice (data order, sampling, initialisation)")
     device: str = setting("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    parallel: str = setting("ddp", "training stages under torchrun: ddp (a whole model per rank) or fsdp (FSDP2: "
+                            "parameters, gradients and optimizer state sharded over the ranks; sft and pm)",
+                            choices=("ddp", "fsdp"))
 
 
 @dataclass(slots=True)
@@ -468,9 +471,9 @@ def resolve(*, config_file: str | None = None, flags: dict[str, Any] | None = No
 
 # the sections each stage's results depend on, beside its own section, the model and the seed; a stage whose
 # part of the config changed is stale (refused by a stage command, rerun with the stages after it by the pipeline)
-STAGE_INPUTS = {"critique": (), "sft": ("precision", "optimizer"), "feedback": ("critique.constitution",),
-                "pm": ("precision", "optimizer"), "rl": ("precision", "optimizer"),
-                "report": ("feedback.feedback_model",)}
+STAGE_INPUTS = {"critique": ("precision",), "sft": ("precision", "optimizer"),
+                "feedback": ("critique.constitution", "precision"), "pm": ("precision", "optimizer"),
+                "rl": ("precision", "optimizer"), "report": ("feedback.feedback_model", "precision")}
 
 
 def stage_key(config: RunConfig, stage: str) -> dict[str, dict[str, Any]]:

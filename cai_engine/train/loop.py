@@ -9,7 +9,6 @@ weights are bit-identical to an uninterrupted run's.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import resource
@@ -24,7 +23,8 @@ import torch
 from ..io import append_jsonl, atomic_write_json, read_json, read_jsonl
 from . import checkpoints as ckpt
 from .config import CheckpointSection, OptimizerSection, RunConfig, diff, stage_key
-from .distributed import all_reduce_sum, barrier, is_main, rank, world_size, wrap_ddp
+from .distributed import (all_reduce_sum, barrier, gradient_sync, is_main, is_sharded, rank, shard_optimizer_state,
+                          whole_optimizer_state, whole_weights, world_size, wrap_model)
 from .optim import lr_factor, make_optimizer
 from .precision import Precision, resolve_device, resolve_precision
 
@@ -83,6 +83,7 @@ class LoopSettings:
     checkpoint: CheckpointSection
     seed: int
     config: dict[str, Any]              # the resolved config this stage depends on (compared on resume)
+    parallel: str = "ddp"               # under torchrun: ddp or fsdp (run.parallel); checkpoints are the same either way
     allow_config_change: bool = False   # resume even though `config` differs from the checkpoint's
     progress: bool = True
     checked: bool = False               # preflight done (trainers call it before loading anything)
@@ -97,7 +98,7 @@ def stage_settings(config: RunConfig, stage: str, *, allow_config_change: bool =
     key = stage_key(config, stage)
     return LoopSettings(stage_dir=Path(config.run.dir) / stage, device=device,
                         precision=resolve_precision(config.precision.mode, device), optimizer=config.optimizer,
-                        checkpoint=config.checkpoint, seed=config.run.seed, config=key,
+                        checkpoint=config.checkpoint, seed=config.run.seed, config=key, parallel=config.run.parallel,
                         allow_config_change=allow_config_change, progress=progress)
 
 
@@ -162,10 +163,15 @@ def run_training(task: TrainTask, settings: LoopSettings, log: Callable[[str], N
     seed_everything(settings.seed)
     model = task.model
     model.train()
-    optimizer = make_optimizer(model.parameters(), settings.optimizer, lr=task.lr, device=settings.device)
     step, history, resumed_from = 0, [], ckpt.latest(stage_dir)
+    if resumed_from is not None:  # into the whole model, before FSDP2 shards it (or DDP copies rank 0's)
+        ckpt.load_weights(model, resumed_from)
+    trained = wrap_model(model, settings.device, settings.parallel)
+    # after the wrap: FSDP2 replaces the parameters by their shards, which the optimizer must hold
+    optimizer = make_optimizer(model.parameters(), settings.optimizer, lr=task.lr, device=settings.device)
     if resumed_from is not None:
-        state = ckpt.load_training_state(resumed_from, model=model, optimizer=optimizer)
+        state = ckpt.load_training_state(resumed_from, optimizer=optimizer)
+        shard_optimizer_state(optimizer)
         if task.load_state is not None:
             task.load_state(ckpt.load_extra(resumed_from))
         step, history = state["step"], state["history"]
@@ -180,20 +186,24 @@ def run_training(task: TrainTask, settings: LoopSettings, log: Callable[[str], N
         f"checkpoint {'every ' + str(settings.checkpoint.every) + ' steps' if settings.checkpoint.every else 'at the end'}"
         f"; disk: {disk_plan(task, settings)}")
 
-    trained = wrap_ddp(model, settings.device)
     params = [p for p in model.parameters() if p.requires_grad]
     bar = _progress(task, step, settings)
     start = time.perf_counter()
 
     def save_checkpoint() -> None:
-        if is_main():
-            state = {"step": step, "total_steps": task.total_steps, "history": history, "config": settings.config}
-            extra = task.state() if task.state is not None else None
-            def write(directory: Path) -> None:
-                task.export(model, directory)  # a Hugging Face folder: any checkpoint can be loaded or evaluated
-                ckpt.save_training_state(directory, model=model, optimizer=optimizer, state=state, extra=extra)
-            ckpt.write_folder(stage_dir, f"{ckpt.PREFIX}{step}", write)
-            ckpt.prune(stage_dir, settings.checkpoint.keep)
+        # under FSDP2 every rank joins the gathers; the files are a single process's either way
+        optimizer_state = whole_optimizer_state(optimizer) if is_sharded(model) else None
+        with whole_weights(model):
+            if is_main():
+                state = {"step": step, "total_steps": task.total_steps, "history": history, "config": settings.config}
+                extra = task.state() if task.state is not None else None
+
+                def write(directory: Path) -> None:
+                    task.export(model, directory)  # a Hugging Face folder: any checkpoint loads and evaluates
+                    ckpt.save_training_state(directory, model=model, optimizer=optimizer, state=state, extra=extra,
+                                             optimizer_state=optimizer_state)
+                ckpt.write_folder(stage_dir, f"{ckpt.PREFIX}{step}", write)
+                ckpt.prune(stage_dir, settings.checkpoint.keep)
         barrier()
 
     try:
@@ -210,10 +220,8 @@ def run_training(task: TrainTask, settings: LoopSettings, log: Callable[[str], N
             if not micro_batches:  # a rank left without examples still joins the gradient all-reduce, at weight 0
                 micro_batches, dummy = [[order[0]]], True
             for index, micro in enumerate(micro_batches):
-                # under DDP only the last backward of the step all-reduces (every rank makes exactly one)
-                sync = trained.no_sync() if trained is not model and index < len(micro_batches) - 1 \
-                    else contextlib.nullcontext()
-                with sync:
+                # only the last backward of the step reduces gradients over the ranks (every rank makes exactly one)
+                with gradient_sync(trained, model, last=index == len(micro_batches) - 1):
                     with settings.precision.autocast(settings.device):
                         result = task.loss(trained, micro)
                     if dummy:
@@ -273,8 +281,10 @@ def run_training(task: TrainTask, settings: LoopSettings, log: Callable[[str], N
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - start
+    with whole_weights(model):
+        if is_main():
+            ckpt.write_folder(stage_dir, "final", lambda d: task.export(model, d))
     if is_main():
-        ckpt.write_folder(stage_dir, "final", lambda d: task.export(model, d))
         summary = {"finished": True, "steps": step, "seconds": elapsed, "history": history,
                    "config": settings.config}
         atomic_write_json(summary_path, summary)

@@ -24,7 +24,6 @@ from ..cai import Constitution
 from ..cai.evaluation import (Proportion, answer_prompts, is_refusal, mc_accuracy, mean_stderr, proportion,
                               win_probabilities, win_rate)
 from ..cai.feedback import FeedbackConfig
-from ..cai.multiple_choice import fast_dtype
 from ..data.prompts import Prompt, load_prompts
 from ..engine import LLM
 from ..eval.mc import read_mc_questions
@@ -36,7 +35,7 @@ from .config import ConfigError, RunConfig
 from .plots import write_plots
 from .precision import resolve_device, resolve_precision
 from .rl import reward_model_scores
-from .stages import hh_prompt
+from .stages import hh_prompt, sampler_dtype
 from .tensorboard_events import BOARD, write_tensorboard
 
 KINDS = ("red-team", "helpful", "user")   # the order of the tables; "user": prompts from a file
@@ -130,7 +129,7 @@ def generate_answers(config: RunConfig, models: Sequence[Candidate], prompts: Se
         log(f"report: {m.label} ({m.role}, {m.path}): {len(pending)} prompts to answer ...")
         model, tokenizer = load_model(m.path, dtype=torch.float32, device=device)
         if pending:
-            llm = LLM(model, tokenizer, dtype=fast_dtype(device), kv_cache_bytes=s.kv_cache_mb << 20)
+            llm = LLM(model, tokenizer, dtype=sampler_dtype(config, device), kv_cache_bytes=s.kv_cache_mb << 20)
             # batches on fixed boundaries from an empty prefix cache, so a resumed run computes every answer
             # exactly as an uninterrupted one (a batch a kill cut short is answered whole, written where missing)
             for start in range(0, len(prompts), s.batch_size):
@@ -151,7 +150,7 @@ def generate_answers(config: RunConfig, models: Sequence[Candidate], prompts: Se
                     generated += 1
             del llm
         if s.mc_evals:
-            model = model.to(fast_dtype(device)).eval()
+            model = model.to(sampler_dtype(config, device)).eval()
             mc[m.label] = {file: mc_accuracy(model, tokenizer, file) for file in s.mc_evals}
         del model
     return answers, mc, generated
@@ -190,7 +189,7 @@ def judged_wins(config: RunConfig, models: Sequence[Candidate], prompts: Sequenc
         return {}
     judge = judge_name(config)
     log(f"report: judging {', '.join(m.label for m in others)} against M0 with {judge} ...")
-    model, tokenizer = load_model(judge, dtype=fast_dtype(device), device=device)
+    model, tokenizer = load_model(judge, dtype=sampler_dtype(config, device), device=device)
     constitution = Constitution.load(config.critique.constitution)
     principles = [(p.id, p.instruction) for p in constitution.comparison_principles]
     few_shot = "".join(e.prompt + e.corrects[0] + "\n\n" for e in constitution.comparison_few_shot)

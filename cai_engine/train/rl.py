@@ -319,6 +319,8 @@ def train_rl(config: RunConfig, *, reward: RewardFn | None = None, allow_config_
         raise ConfigError(f"rl.prompts = {s.prompts!r}: file not found")
     if s.algorithm == "rloo" and s.samples_per_prompt < 2:
         raise ConfigError("rl.samples_per_prompt must be >= 2 for RLOO (the leave-one-out baseline)")
+    if config.run.parallel == "fsdp":  # the sampler copies the policy's weights whole on every rank
+        raise ConfigError("run.parallel = fsdp: the rl stage runs ddp only (its sampler needs whole weights per rank)")
     loop = stage_settings(config, "rl", allow_config_change=allow_config_change, progress=progress)
     device, precision = loop.device, loop.precision
     finished = preflight(loop, log)

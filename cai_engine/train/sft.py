@@ -133,13 +133,14 @@ def collate(rows: Sequence[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
             "targets": torch.tensor(flat_targets, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
-def answer_logprobs(trained, head: torch.Tensor, batch: dict[str, torch.Tensor], precision: Precision,
-                    device) -> torch.Tensor:
-    """log p(answer token) at every target position: hidden states of those positions only, fused op."""
+def answer_logprobs(trained, head: torch.Tensor | Callable[[], torch.Tensor], batch: dict[str, torch.Tensor],
+                    precision: Precision, device) -> torch.Tensor:
+    """log p(answer token) at every target position: hidden states of those positions only, fused op. `head`: the
+    LM head weight, or a function that reads it after the forward (FSDP2 holds it whole only from then on)."""
     hidden = trained(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                      segment_ids=batch["segment_ids"].to(device))
     hidden = hidden.reshape(-1, hidden.shape[-1])[batch["targets"].to(device)]
-    hidden, weight = precision.op_inputs(hidden, head)
+    hidden, weight = precision.op_inputs(hidden, head() if callable(head) else head)
     logprobs, _ = token_logprobs(hidden, weight, batch["labels"].to(device))
     return logprobs
 
@@ -187,7 +188,7 @@ def train_sft(config: RunConfig, *, allow_config_change: bool = False, log: Call
 
     def loss(trained, indices: list[int]) -> MicroBatchResult:
         batch = collate([train_rows[i] for i in indices], pad)
-        logprobs = answer_logprobs(trained, model.lm_head, batch, precision, device)
+        logprobs = answer_logprobs(trained, lambda: model.lm_head, batch, precision, device)
         # tokens: real ones only (padding of the shorter rows is not work done)
         return MicroBatchResult(-logprobs.sum(), float(logprobs.numel()), int((batch["segment_ids"] > 0).sum()))
 
@@ -197,7 +198,7 @@ def train_sft(config: RunConfig, *, allow_config_change: bool = False, log: Call
         for i in range(0, len(eval_rows), settings.batch_rows):
             batch = collate(eval_rows[i:i + settings.batch_rows], pad)
             with precision.autocast(device):
-                logprobs = answer_logprobs(m, m.lm_head, batch, precision, device)
+                logprobs = answer_logprobs(m, lambda: m.lm_head, batch, precision, device)
             total, count = total - float(logprobs.sum()), count + logprobs.numel()
         return {"loss": total / max(count, 1), "tokens": count}
 

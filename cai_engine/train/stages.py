@@ -2,8 +2,9 @@
 
 critique -> sft -> feedback -> pm -> rl, each writing `<run.dir>/<stage>/` and reading only the files the
 stages before it wrote (see PIPELINE.md). The training stages run on the trainer loop; the generation
-stages (critique, feedback) append whole records to JSONL and resume after the last one. A stage folder
-made with another config is refused, naming the keys, unless the change is allowed on purpose.
+stages (critique, feedback) append whole records to JSONL and resume after the last one; under torchrun each
+rank takes a block of the prompts and rank 0 gathers them in order (`shards.py`). A stage folder made with
+another config is refused, naming the keys, unless the change is allowed on purpose.
 """
 from __future__ import annotations
 
@@ -18,14 +19,14 @@ import torch
 from ..cai import Constitution, CritiqueConfig, run_critique
 from ..cai.critique import render_conversation
 from ..cai.feedback import FeedbackConfig, label_pairs
-from ..cai.multiple_choice import fast_dtype
 from ..data.prompts import Prompt, load_prompts
 from ..engine import LLM, SamplingParams
 from ..io import atomic_write_json, atomic_write_text, read_json, read_jsonl
 from ..model.loading import load_model
 from .config import ConfigError, RunConfig, diff, stage_key
-from .distributed import barrier, is_main
-from .precision import resolve_device
+from .distributed import barrier, is_main, world_size
+from .precision import resolve_device, resolve_precision
+from .shards import gather, open_shards
 
 STAGES = ("critique", "sft", "feedback", "pm", "rl", "report")
 
@@ -40,6 +41,12 @@ def hh_prompt(prompt: Prompt) -> str:
     return render_conversation(prompt.context, prompt.text, "").rstrip()
 
 
+def sampler_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
+    """The generation stages sample and score in the run's compute precision, as RL does: bf16 where it is fast,
+    fp32 when `precision.mode = fp32` asks for it (then records do not depend on which prompts share a process)."""
+    return resolve_precision(config.precision.mode, device).compute_dtype
+
+
 def check_stage_config(stage_dir: Path, key: dict[str, Any], allow_change: bool, log) -> None:
     """A stage remembers the config its outputs were made with (`stage.json`); another one is refused."""
     path = stage_dir / "stage.json"
@@ -50,9 +57,11 @@ def check_stage_config(stage_dir: Path, key: dict[str, Any], allow_change: bool,
                               "folder, or --resume-with-new-config to go on with the new values on purpose")
         if changed:
             log(f"{stage_dir}: continuing with a changed config (on purpose): {'; '.join(changed)}")
+    barrier()  # every rank has compared the old key before rank 0 replaces it
     if is_main():
         stage_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"config": key})
+    barrier()
 
 
 def has_outputs(stage_dir: Path) -> bool:
@@ -74,73 +83,94 @@ def stage_status(run_dir: Path, stage: str, key: dict[str, Any]) -> tuple[str, l
 def run_critique_stage(config: RunConfig, *, log: Callable[[str], None]) -> str:
     s = config.critique
     stage_dir = Path(config.run.dir) / "critique"
+    device = resolve_device(config.run.device)
+    dtype = sampler_dtype(config, device)
     constitution = Constitution.load(s.constitution)
     prompts = stage_prompts(s.prompts, s.limit)
-    device = resolve_device(config.run.device)
-    log(f"critique: {len(prompts)} prompts, {s.rounds} rounds, constitution {constitution.source or 'ours'}; "
-        f"loading {config.model.name} ...")
+    out = stage_dir / "revisions.jsonl"
+    shards = open_shards(out, [p.id for p in prompts], key_of=lambda record: record["id"])
+    if shards.finished:
+        return f"critique: all {len(prompts)} prompts already there; records at {out}"
+    mine = prompts[shards.items.start:shards.items.stop]
+    log(f"critique: {len(prompts)} prompts" + (f" ({len(mine)} per rank)" if shards.world > 1 else "")
+        + f", {s.rounds} rounds, constitution {constitution.source or 'ours'}; loading {config.model.name} ...")
     model, tokenizer = load_model(config.model.name, dtype=torch.float32, device=device)
-    llm = LLM(model, tokenizer, dtype=fast_dtype(device), kv_cache_bytes=s.kv_cache_mb << 20)
+    llm = LLM(model, tokenizer, dtype=dtype, kv_cache_bytes=s.kv_cache_mb << 20)
     settings = CritiqueConfig(rounds=s.rounds, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                               top_p=s.top_p, seed=config.run.seed, limit=0, revise_only=s.revise_only,
                               few_shot=s.few_shot, batch_size=s.batch_size)
-    out = stage_dir / "revisions.jsonl"
-    stats = run_critique(llm, tokenizer, constitution, prompts, settings, out,
-                         log=lambda m: log(f"critique: {m['prompts_done']}/{m['prompts_total']} prompts, "
-                                           f"prefix-cache hit rate {m['prefix_hit_rate']:.0%}"),
+    stats = run_critique(llm, tokenizer, constitution, mine, settings, shards.path,
+                         log=lambda m: log(f"critique: {m['prompts_done']}/{m['prompts_total']} prompts"
+                                           + (" on rank 0" if shards.world > 1 else "")
+                                           + f", prefix-cache hit rate {m['prefix_hit_rate']:.0%}"),
                          model_name=config.model.name)
-    return (f"critique: {stats.prompts} prompts done ({stats.skipped} already there), prefix-cache hit rate "
+    gather(shards)
+    ranks = f" on rank 0 of {shards.world}" if shards.world > 1 else ""
+    return (f"critique: {stats.prompts} prompts done{ranks} ({stats.skipped} already there), prefix-cache hit rate "
             f"{stats.prefix_hit_rate:.0%}; records at {out}")
 
 
 def sample_pairs(config: RunConfig, prompts: list[Prompt], log) -> list[tuple[str, str, str]]:
-    """Two answers per prompt from the SL-CAI model (sharing the prompt's KV blocks), seeded per prompt."""
-    s = config.feedback
+    """Two answers per prompt from the SL-CAI model (sharing the prompt's KV blocks), seeded per prompt; under
+    torchrun each rank samples its block of the prompts and rank 0 gathers them (`train/shards.py`)."""
     run_dir = Path(config.run.dir)
     path = run_dir / "feedback" / "pairs.jsonl"
-    done = read_jsonl(path)
-    if len(done) == len(prompts) and [d["prompt"] for d in done] == [hh_prompt(p) for p in prompts]:
-        return [(d["prompt"], d["responses"][0], d["responses"][1]) for d in done]
+    shards = open_shards(path, [hh_prompt(p) for p in prompts], key_of=lambda record: record["prompt"])
+    if not shards.complete():  # the pairs of a block are written at once: a shard is whole or absent
+        sample_block(config, prompts[shards.items.start:shards.items.stop], shards.path, len(prompts), log)
+    gather(shards)
+    return [(d["prompt"], d["responses"][0], d["responses"][1]) for d in read_jsonl(path)]
+
+
+def sample_block(config: RunConfig, prompts: list[Prompt], path: Path, total: int, log) -> None:
+    s = config.feedback
+    run_dir = Path(config.run.dir)
     policy = s.policy or (str(run_dir / "sft" / "final") if (run_dir / "sft" / "final").is_dir() else config.model.name)
     device = resolve_device(config.run.device)
-    log(f"feedback: sampling 2 answers to each of {len(prompts)} prompts from {policy} ...")
+    log(f"feedback: sampling 2 answers to each of {total} prompts from {policy} ...")
     model, tokenizer = load_model(policy, dtype=torch.float32, device=device)
-    llm = LLM(model, tokenizer, dtype=fast_dtype(device), kv_cache_bytes=s.kv_cache_mb << 20)
+    llm = LLM(model, tokenizer, dtype=sampler_dtype(config, device), kv_cache_bytes=s.kv_cache_mb << 20)
     params = [SamplingParams(n=2, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
                              seed=int.from_bytes(hashlib.sha256(f"{config.run.seed}/{p.id}".encode()).digest()[:7],
                                                  "little")) for p in prompts]
-    outputs = llm.generate([p.messages() for p in prompts], params)
-    pairs, lines = [], []
+    outputs = llm.generate([p.messages() for p in prompts], params) if prompts else []
+    lines = []
     for p, out in zip(prompts, outputs):
         if out.error:
             raise ConfigError(f"feedback: prompt {p.id!r}: {out.error}")
         answers = [c.text.strip() or "(no answer)" for c in out.outputs]
-        pairs.append((hh_prompt(p), answers[0], answers[1]))
-        lines.append({"id": p.id, "prompt": pairs[-1][0], "responses": answers})
+        lines.append({"id": p.id, "prompt": hh_prompt(p), "responses": answers})
     atomic_write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
-    del llm, model
-    return pairs
 
 
 def run_feedback_stage(config: RunConfig, *, log: Callable[[str], None], progress: bool) -> str:
     s = config.feedback
     stage_dir = Path(config.run.dir) / "feedback"
+    device = resolve_device(config.run.device)
     constitution = Constitution.load(config.critique.constitution)
     prompts = stage_prompts(s.prompts, s.limit)
     pairs = sample_pairs(config, prompts, log)
+    out = stage_dir / "comparisons.jsonl"
+    shards = open_shards(out, [tuple(pair) for pair in pairs],
+                         key_of=lambda record: (record["prompt"], *record["responses"]), unit=s.batch_pairs)
+    if shards.finished:
+        return f"feedback: all {len(pairs)} pairs already labelled; comparisons at {out}"
     judge = s.feedback_model or config.model.name
-    device = resolve_device(config.run.device)
     log(f"feedback: judging {len(pairs)} pairs with {judge} ({s.principles_per_pair} principles each"
-        + (", both orders" if s.position_swap else "") + ")")
-    model, tokenizer = load_model(judge, dtype=fast_dtype(device), device=device)
+        + (", both orders" if s.position_swap else "") + (f", {world_size()} ranks" if shards.world > 1 else "") + ")")
+    model, tokenizer = load_model(judge, dtype=sampler_dtype(config, device), device=device)
     principles = [(p.id, p.instruction) for p in constitution.comparison_principles]
     few_shot = "".join(e.prompt + e.corrects[0] + "\n\n" for e in constitution.comparison_few_shot)
     settings = FeedbackConfig(principles_per_pair=s.principles_per_pair, position_swap=s.position_swap,
                               chain_of_thought=s.chain_of_thought, clamp_low=s.clamp_low, clamp_high=s.clamp_high,
                               chat_template=s.chat_template, seed=config.run.seed, batch_pairs=s.batch_pairs)
-    out = stage_dir / "comparisons.jsonl"
-    result = label_pairs(model, tokenizer, pairs, principles, few_shot, out, settings, progress=progress)
-    return f"feedback: {result['written']} pairs labelled ({result['skipped']} already there); comparisons at {out}"
+    mine = shards.items
+    result = label_pairs(model, tokenizer, pairs[mine.start:mine.stop], principles, few_shot, shards.path, settings,
+                         progress=progress and is_main(), first_index=mine.start)
+    gather(shards)
+    ranks = f" on rank 0 of {shards.world}" if shards.world > 1 else ""
+    return (f"feedback: {result['written']} pairs labelled{ranks} ({result['skipped']} already there); "
+            f"comparisons at {out}")
 
 
 def run_stage(stage: str, config: RunConfig, *, allow_config_change: bool, progress: bool,
