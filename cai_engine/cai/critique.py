@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tqdm import tqdm
+
 from ..data.prompts import Prompt
 from ..engine import LLM, SamplingParams
 from ..io import append_jsonl, read_jsonl
@@ -133,8 +135,9 @@ class _Conversation:
 
 def run_critique(llm: LLM, tokenizer: Tokenizer, constitution: Constitution, prompts: list[Prompt],
                  config: CritiqueConfig, out_path: str | Path, log: Callable[[dict], None] | None = None,
-                 model_name: str = "") -> CritiqueStats:
-    """Critique and revise every prompt not yet in `out_path` (JSONL, one record per prompt, in prompt order)."""
+                 model_name: str = "", progress: bool = False) -> CritiqueStats:
+    """Critique and revise every prompt not yet in `out_path` (JSONL, one record per prompt, in prompt order);
+    `progress`: a bar over the prompts, moved after each batch."""
     config.validate()
     log = log or _print_metrics
     out_path = Path(out_path)
@@ -145,26 +148,33 @@ def run_critique(llm: LLM, tokenizer: Tokenizer, constitution: Constitution, pro
                              "max_new_tokens": config.max_new_tokens}}
     done = _check_resume(read_jsonl(out_path), settings, out_path)
     selected = prompts[: config.limit] if config.limit else prompts
-    todo = [p for p in selected if p.id not in done]
-    stats = CritiqueStats(skipped=len(selected) - len(todo))
+    stats = CritiqueStats(skipped=sum(p.id in done for p in selected))
     prefix = few_shot_prefix(constitution, config.few_shot, config.revise_only)
     # encoded once: every conversation's ids start with exactly these (BOS, where the model has one, first)
     prefix_ids = tokenizer.encode(prefix, add_special_tokens=True) if prefix else []
     start = time.perf_counter()
-    for first in range(0, len(todo), config.batch_size):
-        batch = todo[first: first + config.batch_size]
+    bar = tqdm(total=len(selected), initial=stats.skipped, desc="critique", unit="prompt", disable=not progress)
+    # batches sit on fixed boundaries of the prompt list, so a resumed run generates every prompt in the same
+    # company as an uninterrupted one; a batch a kill cut short runs whole again and writes what is missing
+    for first in range(0, len(selected), config.batch_size):
+        batch = selected[first: first + config.batch_size]
+        if all(p.id in done for p in batch):
+            continue
         # every batch starts from an empty prefix cache, as the first batch of a resumed run does: a cached
         # prefix and a recomputed one can differ in the last bits, enough to flip a sampled token
         llm.reset_prefix_cache()
         conversations = _run_batch(llm, tokenizer, constitution, batch, config, prefix_ids, settings, stats)
-        for c in conversations:
+        missing = [c for c in conversations if c.prompt.id not in done]
+        for c in missing:
             append_jsonl(out_path, c.record)
-        stats.prompts += len(batch)
+        stats.prompts += len(missing)
         stats.seconds = time.perf_counter() - start
+        bar.update(len(missing))
         log({"stage": "critique", "prompts_done": stats.skipped + stats.prompts, "prompts_total": len(selected),
              "generations": stats.generations, "generated_tokens": stats.generated_tokens,
              "prompt_tokens": stats.prompt_tokens, "prefix_hit_tokens": stats.prefix_hit_tokens,
              "prefix_hit_rate": round(stats.prefix_hit_rate, 4), "seconds": round(stats.seconds, 2)})
+    bar.close()
     return stats
 
 

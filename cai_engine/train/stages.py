@@ -80,7 +80,7 @@ def stage_status(run_dir: Path, stage: str, key: dict[str, Any]) -> tuple[str, l
     return ("finished" if (stage_dir / "done.json").is_file() else "interrupted"), []
 
 
-def run_critique_stage(config: RunConfig, *, log: Callable[[str], None]) -> str:
+def run_critique_stage(config: RunConfig, *, log: Callable[[str], None], progress: bool = False) -> str:
     s = config.critique
     stage_dir = Path(config.run.dir) / "critique"
     device = resolve_device(config.run.device)
@@ -103,7 +103,7 @@ def run_critique_stage(config: RunConfig, *, log: Callable[[str], None]) -> str:
                          log=lambda m: log(f"critique: {m['prompts_done']}/{m['prompts_total']} prompts"
                                            + (" on rank 0" if shards.world > 1 else "")
                                            + f", prefix-cache hit rate {m['prefix_hit_rate']:.0%}"),
-                         model_name=config.model.name)
+                         model_name=config.model.name, progress=progress and is_main())
     gather(shards)
     ranks = f" on rank 0 of {shards.world}" if shards.world > 1 else ""
     return (f"critique: {stats.prompts} prompts done{ranks} ({stats.skipped} already there), prefix-cache hit rate "
@@ -186,13 +186,16 @@ def run_stage(stage: str, config: RunConfig, *, allow_config_change: bool, progr
     start = time.perf_counter()
     summary = _STAGE_RUNNERS[stage](config, allow_config_change=allow_config_change, progress=progress, log=log)
     if is_main():
+        if (stage_dir / "metrics.jsonl").is_file():  # the training curves, viewable while later stages run
+            from .tensorboard_events import write_tensorboard
+            write_tensorboard(config.run.dir)
         atomic_write_json(stage_dir / "done.json", {"summary": summary, "seconds": round(time.perf_counter() - start, 2)})
     barrier()
     return summary
 
 
 def _critique(config: RunConfig, *, allow_config_change: bool, progress: bool, log) -> str:
-    return run_critique_stage(config, log=log)
+    return run_critique_stage(config, log=log, progress=progress)
 
 
 def _feedback(config: RunConfig, *, allow_config_change: bool, progress: bool, log) -> str:
