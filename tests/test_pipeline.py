@@ -192,3 +192,16 @@ def test_a_failed_write_names_the_file_and_keeps_what_was_done(tmp_path):
                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "critique: skipped" in again.stdout
+
+
+@pytest.mark.slow
+def test_the_default_preset_first_stage_on_a_few_prompts(tmp_path, capsys):
+    """The embedded default through the pipeline command: the plan, then real critiques of two prompts."""
+    run = tmp_path / "run"
+    assert train_main(["--run-dir", str(run), "--no-progress", "--stages", "critique", "--limit", "2",
+                       "--set", "critique.rounds=1", "--set", "critique.max_new_tokens=24"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m-instruct (134.5M parameters)" in out and "critique  run" in out
+    records = read_jsonl(run / "critique" / "revisions.jsonl")
+    assert len(records) == 2 and all(r["initial"].strip() and r["final"].strip() for r in records)
+    assert all(len(r["rounds"]) == 1 and r["rounds"][0]["critique"].strip() for r in records)

@@ -25,7 +25,8 @@ def write_revisions(path: Path, n: int = 24) -> None:
             record = {"id": f"p{i}", "prompt": f"q{i} zq?", "context": [], "initial": "zq zq",
                       "rounds": [{"principle": "a", "critique": "bad", "revision": "hello"},
                                  {"principle": "b", "critique": "ok", "revision": "hello hello"}],
-                      "final": "hello hello", "flags": {"cut": ["initial"]} if i == 3 else {}}
+                      "final": "hello hello",
+                      "flags": {3: {"cut": ["revision 2"]}, 4: {"cut": ["initial", "critique 1"]}}.get(i, {})}
             f.write(json.dumps(record) + "\n")
 
 
@@ -66,6 +67,9 @@ def test_revision_records_give_final_or_every_revision_and_skip_flagged(tmp_path
     assert final[0].messages == [{"role": "user", "content": "q0 zq?"}]
     every, skipped = examples_from_revisions(tmp_path / "r.jsonl", targets="all", skip_flags=[])
     assert len(every) == 10 and skipped == 0
+    # only the answer trained on counts: record 3's first revision stays; record 4's cut critique does not matter
+    every, skipped = examples_from_revisions(tmp_path / "r.jsonl", targets="all", skip_flags=["cut"])
+    assert len(every) == 9 and skipped == 1 and [e.response for e in every[6:8]] == ["hello", "hello"]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p"}\n')
     with pytest.raises(DataError, match="bad.jsonl: record 1: expected 'prompt' and 'final'"):
         examples_from_revisions(tmp_path / "bad.jsonl", targets="final", skip_flags=[])

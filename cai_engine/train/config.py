@@ -163,8 +163,9 @@ class SFTSection:
     data: str = setting("", "critique records JSONL (empty = <run.dir>/critique/revisions.jsonl)")
     targets: str = setting("final", "train on the final revision only, or on every round's revision",
                            choices=("final", "all"))
-    skip_flags: list[str] = setting(["empty", "cut", "echo"], "leave out records flagged with any of these "
-                                    "(empty, cut at max tokens, echoing the request, unchanged revision)")
+    skip_flags: list[str] = setting(["empty", "cut", "echo"], "leave out revisions flagged with any of these "
+                                    "(empty, cut at max tokens, echoing the request, unchanged); flags of the "
+                                    "answer and critiques before them do not count")
     helpful_data: str = setting("", "JSONL of helpfulness samples ({prompt or messages, response}) mixed in")
     eval_fraction: float = setting(0.05, "share of the examples held out for evaluation", check="fraction")
     max_seq_len: int = setting(1024, "tokens per packed row (examples are packed, attention kept apart)",

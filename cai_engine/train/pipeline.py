@@ -11,7 +11,7 @@ before anything runs, what each stage will do:
   to `<run>/superseded/` (nothing is deleted), so outputs of two configs never mix.
 
 The plan printed at start gives each stage's work (prompts, tokens to generate, optimizer steps) and a
-time estimate from a throughput model calibrated on bench_e2e (see `estimate_seconds`).
+time estimate from a throughput model calibrated on bench_sampler and bench_e2e (see `estimate_seconds`).
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ class Workload:
     trained_tokens: int = 0     # forward + backward through the trained model(s)
     steps: int = 0              # optimizer steps
     model_loads: int = 0
+    concurrency: int = 1        # sequences sampled at once (the engine's batch)
 
 
 @dataclass(slots=True)
@@ -62,10 +63,16 @@ class StagePlan:
 PROMPT_TOKENS = 48
 FEW_SHOT_TOKENS = 600
 
-# Throughput of the embedded default (135M parameters) on the 2-core CPU of bench/RESULTS.md (bench_e2e),
-# tokens per second; other models scale by their parameter count, CUDA by an uncalibrated factor.
-CPU_RATES_135M = {"generated": 60.0, "scored": 900.0, "trained": 280.0}
-LOAD_SECONDS_135M = 3.0
+# Throughput of the embedded default (135M parameters) on the 2-core CPU of bench/RESULTS.md, tokens/s.
+# Sampling: bench_sampler measured 13.7 tok/s for one sequence and 218 for 32 at once; the rate of c
+# concurrent sequences is modelled as SAMPLE_RATE_ONE * c / (1 + (c - 1) / SAMPLE_HALF_BATCH), which fits
+# both. Scoring (teacher-forced, no gradients) and training rates, and the model load time, come from
+# bench_e2e's stage times. Other models scale by their parameter count; CUDA by an uncalibrated factor.
+SAMPLE_RATE_ONE = 13.7
+SAMPLE_HALF_BATCH = 30.0
+SCORE_RATE = 1400.0
+TRAIN_RATE = 220.0
+LOAD_SECONDS = 3.0
 CUDA_SPEEDUP = 30.0
 REFERENCE_PARAMETERS = 135e6
 FLOOR_PARAMETERS = 20e6  # below this, per-token overheads dominate: a tiny model is not faster than this
@@ -80,7 +87,8 @@ def workload(config: RunConfig, stage: str, num_prompts: int) -> Workload:
         s = config.critique
         n = limited(s.limit)
         generations = n * (1 + s.rounds * (1 if s.revise_only else 2))
-        return Workload(prompts=n, generated_tokens=generations * s.max_new_tokens, model_loads=1)
+        return Workload(prompts=n, generated_tokens=generations * s.max_new_tokens, model_loads=1,
+                        concurrency=min(s.batch_size, n))
     if stage == "sft":
         s = config.sft
         n = limited(config.critique.limit) * (config.critique.rounds if s.targets == "all" else 1)
@@ -94,7 +102,7 @@ def workload(config: RunConfig, stage: str, num_prompts: int) -> Workload:
         questions = n * s.principles_per_pair * (2 if s.position_swap else 1)
         per_question = PROMPT_TOKENS + 2 * s.max_new_tokens + 64  # the few-shot prefix is shared, scored once
         return Workload(prompts=n, generated_tokens=2 * n * s.max_new_tokens, model_loads=2,
-                        scored_tokens=questions * per_question + FEW_SHOT_TOKENS)
+                        scored_tokens=questions * per_question + FEW_SHOT_TOKENS, concurrency=2 * n)
     if stage == "pm":
         s = config.pm
         pairs = limited(config.feedback.limit)
@@ -112,22 +120,25 @@ def workload(config: RunConfig, stage: str, num_prompts: int) -> Workload:
         critic = 2 if s.algorithm == "ppo" and s.value_model == "critic" else 1
         return Workload(prompts=n, generated_tokens=answers * s.max_new_tokens, scored_tokens=2 * tokens,
                         trained_tokens=critic * tokens * s.epochs_per_batch, model_loads=3,
-                        steps=batches * s.epochs_per_batch * s.minibatches)
+                        steps=batches * s.epochs_per_batch * s.minibatches,
+                        concurrency=min(n, s.prompts_per_batch) * s.samples_per_prompt)
     if stage == "report":
         s = config.report
         n = num_prompts if not s.limit else min(num_prompts, 2 * s.limit)
         return Workload(prompts=n, generated_tokens=3 * n * s.max_new_tokens, model_loads=5,
                         scored_tokens=3 * n * (PROMPT_TOKENS + s.max_new_tokens)
-                        + 2 * 2 * n * (PROMPT_TOKENS + 2 * s.max_new_tokens))
+                        + 2 * 2 * n * (PROMPT_TOKENS + 2 * s.max_new_tokens), concurrency=min(s.batch_size, n))
     raise ValueError(f"unknown stage {stage!r}")
 
 
 def estimate_seconds(work: Workload, parameters: int, device_type: str) -> float:
     scale = max(parameters, FLOOR_PARAMETERS) / REFERENCE_PARAMETERS
     speed = CUDA_SPEEDUP if device_type == "cuda" else 1.0
-    compute = (work.generated_tokens / CPU_RATES_135M["generated"] + work.scored_tokens / CPU_RATES_135M["scored"]
-               + work.trained_tokens / CPU_RATES_135M["trained"])
-    return (compute * scale + work.model_loads * LOAD_SECONDS_135M * max(scale, 0.3)) / speed
+    c = max(work.concurrency, 1)
+    sample_rate = SAMPLE_RATE_ONE * c / (1 + (c - 1) / SAMPLE_HALF_BATCH)
+    compute = (work.generated_tokens / sample_rate + work.scored_tokens / SCORE_RATE
+               + work.trained_tokens / TRAIN_RATE)
+    return (compute * scale + work.model_loads * LOAD_SECONDS * max(scale, 0.3)) / speed
 
 
 def stage_prompt_count(config: RunConfig, stage: str) -> int:

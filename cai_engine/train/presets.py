@@ -38,13 +38,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "report": {"limit": 2, "max_new_tokens": 8, "temperature": 1.0, "batch_size": 2, "kv_cache_mb": 16},
     },
     # also the base of a stage command run without --preset, so the two agree on what a run folder holds
+    # also the base of a stage command run without --preset, so the two agree on what a run folder holds
     "default": {
-        "critique": {"limit": 24, "rounds": 2, "max_new_tokens": 96, "batch_size": 8, "kv_cache_mb": 768},
+        "critique": {"limit": 48, "rounds": 2, "max_new_tokens": 96, "batch_size": 16, "kv_cache_mb": 768},
         "sft": {"epochs": 3, "batch_rows": 2, "max_seq_len": 512, "lr": 2e-5},
-        "feedback": {"limit": 32, "max_new_tokens": 96, "principles_per_pair": 2, "batch_pairs": 8},
-        "rl": {"value_model": "head", "limit": 16, "prompts_per_batch": 8, "max_new_tokens": 64,
+        "feedback": {"limit": 64, "max_new_tokens": 96, "principles_per_pair": 2, "batch_pairs": 8},
+        "rl": {"value_model": "head", "limit": 32, "prompts_per_batch": 8, "max_new_tokens": 64,
                "epochs_per_batch": 1, "lr": 2e-6},
-        "report": {"limit": 12, "max_new_tokens": 96},
+        "report": {"limit": 16, "max_new_tokens": 96},
     },
     "gpu": {
         "run": {"dir": "runs/gpu"},

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..cai import Constitution
 from ..cai.evaluation import (Proportion, answer_prompts, is_refusal, mc_accuracy, mean_stderr, proportion,
@@ -113,7 +114,8 @@ def report_prompts(config: RunConfig) -> list[Prompt]:
 
 
 def generate_answers(config: RunConfig, models: Sequence[Candidate], prompts: Sequence[Prompt], path: Path,
-                     device: torch.device, log) -> tuple[dict[tuple[str, str], dict], dict[str, dict], int]:
+                     device: torch.device, log, progress: bool = False
+                     ) -> tuple[dict[tuple[str, str], dict], dict[str, dict], int]:
     """Answers of every model to every prompt, appended to `path` after each batch; also each model's
     multiple-choice accuracies (while it is loaded). Returns (answers by (model, prompt id), mc, generated)."""
     s = config.report
@@ -122,6 +124,8 @@ def generate_answers(config: RunConfig, models: Sequence[Candidate], prompts: Se
     done = read_jsonl(path, keep=lambda r: current.get(r.get("model")) == r.get("fingerprint"))
     answers = {(r["model"], r["prompt_id"]): r for r in done}
     mc, generated = {}, 0
+    bar = tqdm(total=len(models) * len(prompts), initial=len(answers), desc="report answers", unit="answer",
+               disable=not progress)
     for m in models:
         pending = [p for p in prompts if (m.label, p.id) not in answers]
         if not pending and not s.mc_evals:
@@ -148,11 +152,13 @@ def generate_answers(config: RunConfig, models: Sequence[Candidate], prompts: Se
                     append_jsonl(path, record)
                     answers[(m.label, p.id)] = record
                     generated += 1
+                    bar.update()
             del llm
         if s.mc_evals:
             model = model.to(sampler_dtype(config, device)).eval()
             mc[m.label] = {file: mc_accuracy(model, tokenizer, file) for file in s.mc_evals}
         del model
+    bar.close()
     return answers, mc, generated
 
 
@@ -349,7 +355,8 @@ def run_report_stage(config: RunConfig, *, allow_config_change: bool, progress: 
     for line in missing:
         log(f"report: {line}")
     device = resolve_device(config.run.device)
-    answers, mc, generated = generate_answers(config, models, prompts, stage_dir / "answers.jsonl", device, log)
+    answers, mc, generated = generate_answers(config, models, prompts, stage_dir / "answers.jsonl", device, log,
+                                                    progress)
     pm = pm_scores(config, models, prompts, answers, device, log)
     wins = judged_wins(config, models, prompts, answers, device, log, progress)
     atomic_write_text(stage_dir / "scores.jsonl", "".join(json.dumps({

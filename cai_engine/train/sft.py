@@ -49,8 +49,8 @@ class PackedRow:
 
 
 def examples_from_revisions(path: str | Path, *, targets: str, skip_flags: Sequence[str]) -> tuple[list[SFTExample], int]:
-    """Prompt -> final revision (targets="final") or -> every revision ("all"); records flagged with any of
-    `skip_flags` are left out. Returns the examples and how many records were skipped."""
+    """Prompt -> final revision (targets="final") or -> every revision ("all"); an answer flagged with any of
+    `skip_flags` is left out. Returns the examples and how many records lost an answer that way."""
     records = read_jsonl(path)
     if not records:
         raise DataError(f"{path}: no records")
@@ -60,13 +60,19 @@ def examples_from_revisions(path: str | Path, *, targets: str, skip_flags: Seque
         if not isinstance(prompt, str) or not isinstance(final, str):
             raise DataError(f"{path}: record {lineno}: expected 'prompt' and 'final' strings (a critique record)")
         flags = record.get("flags") or {}
-        if any(flag in flags for flag in skip_flags):
+        rounds = record.get("rounds") or []
+        # a flag names the generations it applies to ("initial", "critique 2", "revision 2"): only the flags of
+        # the answers trained on count (a critique cut at max tokens can still lead to a sound revision)
+        if targets == "final":
+            answers = [(final, f"revision {len(rounds)}" if rounds else "initial")]
+        else:
+            answers = [(r.get("revision", ""), f"revision {i}") for i, r in enumerate(rounds, 1)] or [(final, "initial")]
+        kept = [a for a, where in answers if not any(where in flags.get(flag, ()) for flag in skip_flags)]
+        if len(kept) < len(answers):
             skipped += 1
-            continue
         context = [m for m in record.get("context") or [] if isinstance(m, dict)]
         messages = context + [{"role": "user", "content": prompt}]
-        answers = [final] if targets == "final" else [r.get("revision", "") for r in record.get("rounds", [])] or [final]
-        examples += [SFTExample(messages, a) for a in answers if a.strip()]
+        examples += [SFTExample(messages, a) for a in kept if a.strip()]
     return examples, skipped
 
 

@@ -110,19 +110,21 @@ def run_critique_stage(config: RunConfig, *, log: Callable[[str], None], progres
             f"{stats.prefix_hit_rate:.0%}; records at {out}")
 
 
-def sample_pairs(config: RunConfig, prompts: list[Prompt], log) -> list[tuple[str, str, str]]:
+def sample_pairs(config: RunConfig, prompts: list[Prompt], log, progress: bool = False) -> list[tuple[str, str, str]]:
     """Two answers per prompt from the SL-CAI model (sharing the prompt's KV blocks), seeded per prompt; under
     torchrun each rank samples its block of the prompts and rank 0 gathers them (`train/shards.py`)."""
     run_dir = Path(config.run.dir)
     path = run_dir / "feedback" / "pairs.jsonl"
     shards = open_shards(path, [hh_prompt(p) for p in prompts], key_of=lambda record: record["prompt"])
     if not shards.complete():  # the pairs of a block are written at once: a shard is whole or absent
-        sample_block(config, prompts[shards.items.start:shards.items.stop], shards.path, len(prompts), log)
+        sample_block(config, prompts[shards.items.start:shards.items.stop], shards.path, len(prompts), log,
+                     progress=progress and is_main())
     gather(shards)
     return [(d["prompt"], d["responses"][0], d["responses"][1]) for d in read_jsonl(path)]
 
 
-def sample_block(config: RunConfig, prompts: list[Prompt], path: Path, total: int, log) -> None:
+def sample_block(config: RunConfig, prompts: list[Prompt], path: Path, total: int, log,
+                 progress: bool = False) -> None:
     s = config.feedback
     run_dir = Path(config.run.dir)
     policy = s.policy or (str(run_dir / "sft" / "final") if (run_dir / "sft" / "final").is_dir() else config.model.name)
@@ -133,7 +135,7 @@ def sample_block(config: RunConfig, prompts: list[Prompt], path: Path, total: in
     params = [SamplingParams(n=2, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
                              seed=int.from_bytes(hashlib.sha256(f"{config.run.seed}/{p.id}".encode()).digest()[:7],
                                                  "little")) for p in prompts]
-    outputs = llm.generate([p.messages() for p in prompts], params) if prompts else []
+    outputs = llm.generate([p.messages() for p in prompts], params, progress=progress) if prompts else []
     lines = []
     for p, out in zip(prompts, outputs):
         if out.error:
@@ -149,7 +151,7 @@ def run_feedback_stage(config: RunConfig, *, log: Callable[[str], None], progres
     device = resolve_device(config.run.device)
     constitution = Constitution.load(config.critique.constitution)
     prompts = stage_prompts(s.prompts, s.limit)
-    pairs = sample_pairs(config, prompts, log)
+    pairs = sample_pairs(config, prompts, log, progress)
     out = stage_dir / "comparisons.jsonl"
     shards = open_shards(out, [tuple(pair) for pair in pairs],
                          key_of=lambda record: (record["prompt"], *record["responses"]), unit=s.batch_pairs)
