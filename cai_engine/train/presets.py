@@ -2,8 +2,8 @@
 
 - `tiny`: the seeded random tiny model (`tiny-random`), a handful of prompts, fp32: the whole pipeline in
   seconds. It checks the plumbing (every stage, resume, scale-out); its outputs are random bytes.
-- `default`: the embedded SmolLM2-135M-Instruct sized for a 2-core CPU: the whole pipeline in about a
-  quarter of an hour (see `bench/RESULTS.md`, bench_e2e). Large enough for every stage to do real work,
+- `default`: the embedded SmolLM2-135M-Instruct sized for a 2-core CPU: the whole pipeline in about 9
+  minutes on the 2-vCPU machine of `bench/RESULTS.md` (bench_e2e). Large enough for every stage to do real work,
   far too small for the report's differences to mean much: it says so. A stage command run without
   `--preset` starts from it too.
 - `gpu`: a starting point for a 1-8B chat model on one or more GPUs (torchrun for more): the paper's four
