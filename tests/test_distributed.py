@@ -150,3 +150,22 @@ def test_unfinished_shards_of_another_world_size_are_refused(tmp_path):
     assert not shards.finished and shards.path == output and list(shards.items) == list(range(6))
     gather(shards)  # nothing to gather for one process
     assert len(read_jsonl(output)) == 1
+
+
+def test_the_tiny_preset_pipeline_on_two_processes_matches_one(tmp_path):
+    """`torchrun ... -m cai_engine.train --preset tiny`: every stage, against the same command in one process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run([sys.executable, "-m", "cai_engine.train", "--preset", "tiny", "--no-progress",
+                             "--run-dir", str(one)], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stdout + single.stderr
+    multi = torchrun(["--preset", "tiny", "--no-progress", "--run-dir", str(two)])
+    assert multi.returncode == 0, multi.stdout + multi.stderr
+    assert multi.stdout.count("plan: run folder") == 1  # rank 0 speaks for both
+    for name in ("critique/revisions.jsonl", "feedback/pairs.jsonl", "feedback/comparisons.jsonl"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name  # fp32: sharding changes no bit
+    for stage in ("sft", "pm", "rl"):  # DDP: the same steps, summed in another order
+        assert losses(two, stage) == pytest.approx(losses(one, stage), rel=1e-4), stage
+    answers = read_jsonl(two / "report" / "answers.jsonl")  # written once, by rank 0
+    assert sorted((a["model"], a["prompt_id"]) for a in answers) == \
+        sorted((a["model"], a["prompt_id"]) for a in read_jsonl(one / "report" / "answers.jsonl"))
+    assert (two / "report.md").is_file() and not list(two.rglob("*.rank*-of-*"))

@@ -329,10 +329,12 @@ def test_torchrun_two_processes_match_one(tmp_path, pm_setup):
 def test_ctrl_c_prints_how_to_resume_without_a_traceback(tmp_path, pm_setup):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
-    proc = _launch(pm_args(pm_setup, run, "--epochs", "40", "--checkpoint-every", "5", "--precision", "fp32"), env)
+    # a checkpoint every step keeps the run long enough (seconds, not milliseconds) for the signal to land in it
+    proc = _launch(pm_args(pm_setup, run, "--epochs", "40", "--checkpoint-every", "1", "--precision", "fp32"), env)
     deadline = time.time() + 300
     while _lines(run / "pm" / "metrics.jsonl") < 6 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.002)
+    assert proc.poll() is None, "the run ended before the interrupt"
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, out

@@ -47,6 +47,14 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy, self.critic, self.value_head = policy, critic, value_head
 
+    def forward(self, batch: dict[str, Tensor], precision: Precision, temperature: float
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Log-probs and entropy [S, T] of the answer tokens, and the values (or None): the trainer's one forward,
+        called through the DDP wrapper so that its gradient all-reduce is prepared."""
+        logp, entropy, hidden, _ = score_answers(self.policy, self.policy.lm_head, batch, precision, temperature,
+                                                 entropy=True)
+        return logp, entropy, self.values(hidden, batch)
+
     def values(self, policy_hidden: Tensor, batch: dict[str, Tensor]) -> Tensor | None:
         """Per-position value estimates [S, T] (fp32), or None without a value model."""
         if self.value_head is not None:
@@ -266,8 +274,7 @@ class RLTrainer:
     def loss(self, trained: ActorCritic, rows: list[int]) -> MicroBatchResult:
         s, b = self.settings, {k: v[rows] for k, v in self.buffer.items()}
         mask = b["answer_mask"]
-        logp, entropy, hidden, _ = score_answers(trained.policy, trained.policy.lm_head, b, self.precision,
-                                                 s.temperature, entropy=True)
+        logp, entropy, values = trained(b, self.precision, s.temperature)
         ratio = (logp - b["old_logp"]).exp()
         adv = b["advantages"]
         surrogate = torch.max(-adv * ratio, -adv * ratio.clamp(1 - s.clip_range, 1 + s.clip_range))
@@ -275,7 +282,7 @@ class RLTrainer:
         loss = policy_loss - s.entropy_coef * (entropy * mask).sum()
         value_loss = torch.zeros((), device=logp.device)
         if s.algorithm == "ppo":
-            values = trained.values(hidden, b) * mask
+            values = values * mask
             clipped = b["old_values"] + (values - b["old_values"]).clamp(-s.value_clip, s.value_clip)
             value_loss = 0.5 * torch.max((values - b["value_targets"]).square(),
                                          (clipped - b["value_targets"]).square()).mul(mask).sum()

@@ -233,6 +233,8 @@ def _rl(config: RunConfig, *, allow_config_change: bool, progress: bool, log) ->
 
 
 def _report(config: RunConfig, *, allow_config_change: bool, progress: bool, log) -> str:
+    if not is_main():  # under torchrun the report is rank 0's alone (not sharded); the others wait at the barrier
+        return "report: written by rank 0"
     from .report import run_report_stage
     return run_report_stage(config, allow_config_change=allow_config_change, progress=progress, log=log)
 
