@@ -85,6 +85,11 @@ def render_conversation(context, prompt: str, answer: str) -> str:
     return f"{turns}\n\nHuman: {prompt.strip()}\n\nAssistant: {answer.strip()}"
 
 
+def hh_prompt(prompt: Prompt) -> str:
+    """The conversation as the feedback model and the PM read it: "\\n\\nHuman: ...\\n\\nAssistant:"."""
+    return render_conversation(prompt.context, prompt.text, "").rstrip()
+
+
 def critique_request(principle: CritiquePrinciple | CritiqueExample) -> str:
     return f"\n\nCritiqueRequest: {principle.critique_request}\n\nCritique:"
 

@@ -83,3 +83,9 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"run.device = {name!r}: expected auto, cpu, cuda or cuda:N")
     return device
+
+
+def sampler_dtype(mode: str, device: torch.device) -> torch.dtype:
+    """The generation stages sample and score in the run's compute precision, as RL does: bf16 where it is fast,
+    fp32 when `precision.mode = fp32` asks for it (then records do not depend on which prompts share a process)."""
+    return resolve_precision(mode, device).compute_dtype

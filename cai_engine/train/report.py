@@ -32,11 +32,12 @@ from ..io import append_jsonl, atomic_write_text, read_jsonl
 from ..model.heads import RewardModel
 from ..model.loading import load_model
 from ..model.tiny import TINY_MODEL
+from ..cai.critique import hh_prompt
 from .config import ConfigError, RunConfig
+from .precision import sampler_dtype
 from .plots import write_plots
 from .precision import resolve_device, resolve_precision
 from .rl import reward_model_scores
-from .stages import hh_prompt, sampler_dtype
 from .tensorboard_events import BOARD, write_tensorboard
 
 KINDS = ("red-team", "helpful", "user")   # the order of the tables; "user": prompts from a file
@@ -133,7 +134,7 @@ def generate_answers(config: RunConfig, models: Sequence[Candidate], prompts: Se
         log(f"report: {m.label} ({m.role}, {m.path}): {len(pending)} prompts to answer ...")
         model, tokenizer = load_model(m.path, dtype=torch.float32, device=device)
         if pending:
-            llm = LLM(model, tokenizer, dtype=sampler_dtype(config, device), kv_cache_bytes=s.kv_cache_mb << 20)
+            llm = LLM(model, tokenizer, dtype=sampler_dtype(config.precision.mode, device), kv_cache_bytes=s.kv_cache_mb << 20)
             # batches on fixed boundaries from an empty prefix cache, so a resumed run computes every answer
             # exactly as an uninterrupted one (a batch a kill cut short is answered whole, written where missing)
             for start in range(0, len(prompts), s.batch_size):
@@ -155,7 +156,7 @@ def generate_answers(config: RunConfig, models: Sequence[Candidate], prompts: Se
                     bar.update()
             del llm
         if s.mc_evals:
-            model = model.to(sampler_dtype(config, device)).eval()
+            model = model.to(sampler_dtype(config.precision.mode, device)).eval()
             mc[m.label] = {file: mc_accuracy(model, tokenizer, file) for file in s.mc_evals}
         del model
     bar.close()
@@ -195,7 +196,7 @@ def judged_wins(config: RunConfig, models: Sequence[Candidate], prompts: Sequenc
         return {}
     judge = judge_name(config)
     log(f"report: judging {', '.join(m.label for m in others)} against M0 with {judge} ...")
-    model, tokenizer = load_model(judge, dtype=sampler_dtype(config, device), device=device)
+    model, tokenizer = load_model(judge, dtype=sampler_dtype(config.precision.mode, device), device=device)
     constitution = Constitution.load(config.critique.constitution)
     principles = [(p.id, p.instruction) for p in constitution.comparison_principles]
     few_shot = "".join(e.prompt + e.corrects[0] + "\n\n" for e in constitution.comparison_few_shot)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..cai import Constitution, CritiqueConfig, run_critique
-from ..cai.critique import render_conversation
+from ..cai.critique import hh_prompt
 from ..cai.feedback import FeedbackConfig, label_pairs
 from ..data.prompts import Prompt, load_prompts
 from ..engine import LLM, SamplingParams
@@ -25,7 +25,7 @@ from ..io import atomic_write_json, atomic_write_text, read_json, read_jsonl
 from ..model.loading import load_model
 from .config import ConfigError, RunConfig, diff, stage_key
 from .distributed import barrier, is_main, world_size
-from .precision import resolve_device, resolve_precision
+from .precision import resolve_device, sampler_dtype
 from .shards import gather, open_shards
 
 STAGES = ("critique", "sft", "feedback", "pm", "rl", "report")
@@ -34,17 +34,6 @@ STAGES = ("critique", "sft", "feedback", "pm", "rl", "report")
 def stage_prompts(path: str, limit: int) -> list[Prompt]:
     prompts = load_prompts(path, split="train")
     return prompts[:limit] if limit else prompts
-
-
-def hh_prompt(prompt: Prompt) -> str:
-    """The conversation as the feedback model and the PM read it: "\\n\\nHuman: ...\\n\\nAssistant:"."""
-    return render_conversation(prompt.context, prompt.text, "").rstrip()
-
-
-def sampler_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
-    """The generation stages sample and score in the run's compute precision, as RL does: bf16 where it is fast,
-    fp32 when `precision.mode = fp32` asks for it (then records do not depend on which prompts share a process)."""
-    return resolve_precision(config.precision.mode, device).compute_dtype
 
 
 def check_stage_config(stage_dir: Path, key: dict[str, Any], allow_change: bool, log) -> None:
@@ -84,7 +73,7 @@ def run_critique_stage(config: RunConfig, *, log: Callable[[str], None], progres
     s = config.critique
     stage_dir = Path(config.run.dir) / "critique"
     device = resolve_device(config.run.device)
-    dtype = sampler_dtype(config, device)
+    dtype = sampler_dtype(config.precision.mode, device)
     constitution = Constitution.load(s.constitution)
     prompts = stage_prompts(s.prompts, s.limit)
     out = stage_dir / "revisions.jsonl"
@@ -131,7 +120,7 @@ def sample_block(config: RunConfig, prompts: list[Prompt], path: Path, total: in
     device = resolve_device(config.run.device)
     log(f"feedback: sampling 2 answers to each of {total} prompts from {policy} ...")
     model, tokenizer = load_model(policy, dtype=torch.float32, device=device)
-    llm = LLM(model, tokenizer, dtype=sampler_dtype(config, device), kv_cache_bytes=s.kv_cache_mb << 20)
+    llm = LLM(model, tokenizer, dtype=sampler_dtype(config.precision.mode, device), kv_cache_bytes=s.kv_cache_mb << 20)
     params = [SamplingParams(n=2, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
                              seed=int.from_bytes(hashlib.sha256(f"{config.run.seed}/{p.id}".encode()).digest()[:7],
                                                  "little")) for p in prompts]
@@ -160,7 +149,7 @@ def run_feedback_stage(config: RunConfig, *, log: Callable[[str], None], progres
     judge = s.feedback_model or config.model.name
     log(f"feedback: judging {len(pairs)} pairs with {judge} ({s.principles_per_pair} principles each"
         + (", both orders" if s.position_swap else "") + (f", {world_size()} ranks" if shards.world > 1 else "") + ")")
-    model, tokenizer = load_model(judge, dtype=sampler_dtype(config, device), device=device)
+    model, tokenizer = load_model(judge, dtype=sampler_dtype(config.precision.mode, device), device=device)
     principles = [(p.id, p.instruction) for p in constitution.comparison_principles]
     few_shot = "".join(e.prompt + e.corrects[0] + "\n\n" for e in constitution.comparison_few_shot)
     settings = FeedbackConfig(principles_per_pair=s.principles_per_pair, position_swap=s.position_swap,
