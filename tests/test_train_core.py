@@ -197,8 +197,11 @@ def test_metrics_log_survives_a_torn_line_and_drops_steps_after_the_checkpoint(t
 # ----------------------------------------------------------------------------------------------- exact resume
 
 def _launch(args: list[str], env) -> subprocess.Popen:
+    # a suite started in the background (`cmd &` in a script) ignores SIGINT, and children inherit that: Python
+    # then installs no KeyboardInterrupt handler, so give the child the default disposition back
     return subprocess.Popen([sys.executable, "-m", "cai_engine.train", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _lines(path: Path) -> int:
