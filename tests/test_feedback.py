@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cai_engine.cai.feedback import (ANSWER_LEAD, COT_LEAD, FeedbackConfig, build_question, draw_principles,
+from cai_engine.cai.feedback import (COT_LEAD, FeedbackConfig, build_question, draw_principles,
                                      label_batch, label_pairs)
 from cai_engine.cai.multiple_choice import score_continuations
 from cai_engine.data.comparisons import read_comparisons

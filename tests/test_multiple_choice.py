@@ -1,7 +1,6 @@
 """Multiple-choice scoring by teacher forcing and the `python -m cai_engine.eval mc` CLI, against transformers."""
 import copy
 import json
-import math
 
 import pytest
 import torch
