@@ -32,11 +32,12 @@ def make_data(path: Path, n: int, seed: int = 0) -> None:
                                 "flags": {}}) + "\n")
 
 
-def run_ours(data: Path, warmup: int, out: Path) -> dict:
+def run_ours(data: Path, warmup: int, out: Path, recompute: bool = False) -> dict:
     from cai_engine.train.config import resolve
     from cai_engine.train.sft import train_sft
     config = resolve(overrides=[f"sft.data={data}", f"run.dir={out}", "sft.eval_fraction=0", "sft.max_seq_len=1024",
-                                "sft.batch_rows=3", "sft.lr=1e-5", "checkpoint.keep=1", "precision.mode=bf16-mixed"])
+                                "sft.batch_rows=3", "sft.lr=1e-5", "checkpoint.keep=1", "precision.mode=bf16-mixed",
+                                f"run.activation_checkpointing={str(recompute).lower()}"])
     train_sft(config, log=lambda _: None, progress=False)
     records = [json.loads(line) for line in open(out / "sft" / "metrics.jsonl")]
     measured = records[warmup:]
@@ -74,6 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variants", default="ours,ours+ac,trl",
+                        help="ours, ours+ac (activation checkpointing, as TRL does by default), trl")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -81,7 +84,7 @@ def main() -> None:
     if args.variant:
         out = Path(args.out)
         result = run_trl(Path(args.data), args.warmup, args.steps, out) if args.variant == "trl" else \
-            run_ours(Path(args.data), args.warmup, out)
+            run_ours(Path(args.data), args.warmup, out, recompute=args.variant == "ours+ac")
         print(json.dumps(result))
         return
     print(f"# SFT: {machine_line('cpu')}; about {PROMPT_WORDS}-token prompts and {ANSWER_WORDS}-token answers; "
@@ -98,7 +101,7 @@ def main() -> None:
             real_tokens += len(tok.encode(text, add_special_tokens=False)) + len(tok.encode(r["final"])) + 1
         per_example = real_tokens / n
         results = {}
-        for variant in ("ours", "trl"):
+        for variant in args.variants.split(","):
             proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--data", str(data), "--out",
                                    str(Path(tmp) / variant), "--steps", str(args.steps), "--warmup", str(args.warmup)],
                                   capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -112,7 +115,9 @@ def main() -> None:
         r["tokens_per_step"] = r["tokens_per_step"] or EXAMPLES_PER_STEP * per_example
     rate = lambda r: r["tokens_per_step"] / r["step_s"]
     for variant, r in results.items():
-        name = {"ours": "cai_engine bf16-mixed (packed)", "trl": "TRL SFTTrainer bf16 (padded)"}[variant]
+        name = {"ours": "cai_engine bf16-mixed (packed)",
+                "ours+ac": "cai_engine bf16-mixed (packed) + activation checkpointing",
+                "trl": "TRL SFTTrainer bf16 (padded; its default gradient checkpointing)"}[variant]
         vs = f"{rate(r) / rate(results['trl']):.2f}x" if "trl" in results else "-"
         mem = f"{r['peak_rss_mib'] / results['trl']['peak_rss_mib']:.2f}x" if "trl" in results else "-"
         print(f"| {name} | {r['step_s']:.2f} | {r['tokens_per_step']:.0f} | {rate(r):.0f} | {r['peak_rss_mib']:.0f} | "

@@ -3,7 +3,8 @@
 Same model (SmolLM2-135M-Instruct), same data (256-token prompts, 64-token responses, K=2 and K=4
 responses per prompt), same batch (4 prompts per optimizer step: 4 comparisons at K=2, 24 at K=4). TRL
 trains on chosen/rejected pairs, so at K=4 it sees each prompt's 6 pairs as 12 rows; we encode each prompt
-once with its 4 responses. TRL runs in bf16 autocast (`bf16=True`), its best setting on this CPU.
+once with its 4 responses. TRL runs in bf16 autocast (`bf16=True`), its best setting on this CPU, with the
+gradient checkpointing its RewardConfig turns on by default; we run without and with (`+ac`) ours.
 
 Every variant runs in its own process: the median step time after warm-up steps (forward, backward and
 the optimizer step), comparisons/s, and the process's peak RSS. Run: `python bench/bench_train.py`
@@ -36,10 +37,12 @@ def make_data(path: Path, k: int, n_prompts: int, seed: int = 0) -> None:
                                 "ranking": list(range(k))}) + "\n")
 
 
-def run_ours(data: Path, precision: str, warmup: int, out: Path) -> dict:
+def run_ours(data: Path, variant: str, warmup: int, out: Path) -> dict:
     from cai_engine.train.config import resolve
     from cai_engine.train.pm import train_pm
+    precision, _, recompute = variant.partition("+")  # "bf16-mixed+ac": with activation checkpointing
     config = resolve(overrides=[f"pm.data={data}", f"run.dir={out}", "pm.eval_fraction=0", f"precision.mode={precision}",
+                                f"run.activation_checkpointing={'true' if recompute == 'ac' else 'false'}",
                                 "pm.batch_groups=4", "pm.lr=1e-5", "pm.max_prompt_tokens=512", "checkpoint.keep=1"])
     train_pm(config, log=lambda _: None, progress=False)
     records = [json.loads(line) for line in open(out / "pm" / "metrics.jsonl")]
@@ -98,7 +101,8 @@ def main() -> None:
     parser.add_argument("--k", default="2,4", help="responses per prompt, comma-separated")
     parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
-    parser.add_argument("--variants", default="fp32,bf16-mixed,trl")
+    parser.add_argument("--variants", default="fp32,bf16-mixed,bf16-mixed+ac,trl",
+                        help="fp32, bf16-mixed, bf16-mixed+ac (activation checkpointing, as TRL does by default), trl")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -126,7 +130,9 @@ def main() -> None:
                 results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
         comparisons = PROMPTS_PER_STEP * k * (k - 1) // 2
         for variant, r in results.items():
-            name = {"fp32": "cai_engine fp32", "bf16-mixed": "cai_engine bf16-mixed", "trl": "TRL RewardTrainer bf16"}[variant]
+            name = {"fp32": "cai_engine fp32", "bf16-mixed": "cai_engine bf16-mixed",
+                    "bf16-mixed+ac": "cai_engine bf16-mixed + activation checkpointing",
+                    "trl": "TRL RewardTrainer bf16 (its default gradient checkpointing)"}[variant]
             vs_fp32 = f"{results['fp32']['step_s'] / r['step_s']:.2f}x" if "fp32" in results else "-"
             vs_trl = f"{results['trl']['step_s'] / r['step_s']:.2f}x" if "trl" in results else "-"
             mem = f"{r['peak_rss_mib'] / results['trl']['peak_rss_mib']:.2f}x" if "trl" in results else "-"

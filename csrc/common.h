@@ -26,3 +26,27 @@ inline void check_dim(const py::array& a, int axis, py::ssize_t size, const char
                                 " on axis " + std::to_string(axis) + ", got " +
                                 std::to_string(a.shape(axis)));
 }
+
+// A float32 or bfloat16 buffer (bf16 arrives as its 16-bit patterns: numpy has no bfloat16). The kernels that
+// take either convert a row at a time into float scratch, so their arithmetic is float32 whatever the storage.
+struct FloatOrBf16 {
+  const void* data;
+  bool bf16;
+};
+
+inline FloatOrBf16 float_or_bf16(const py::array& a, py::ssize_t size, const char* name) {
+  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(name) + ": must be contiguous");
+  if (a.size() != size)
+    throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(size) + " elements, got " +
+                                std::to_string(a.size()));
+  const auto kind = a.dtype().kind();
+  if (a.itemsize() == 4 && kind == 'f') return {a.data(), false};
+  if (a.itemsize() == 2 && (kind == 'i' || kind == 'u')) return {a.data(), true};
+  throw std::invalid_argument(std::string(name) + ": expected float32 or bfloat16 (as 16-bit integers), got dtype " +
+                              std::string(py::str(a.dtype())));
+}
+
+inline void* writable(py::array& a, const char* name) {
+  if (!a.writeable()) throw std::invalid_argument(std::string(name) + ": must be writable");
+  return a.mutable_data();
+}

@@ -6,7 +6,9 @@
 #include "logprob_bf16.h"
 #include "paged_attention.h"
 #include "pm_loss.h"
+#include "rms_norm.h"
 #include "rowstats.h"
+#include "swiglu.h"
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "cai-engine CPU kernels (no libtorch: plain buffers in, buffers out)";
@@ -53,6 +55,17 @@ PYBIND11_MODULE(_native, m) {
         py::arg("margin"), py::arg("group"), py::arg("pair_loss"), py::arg("pair_grad"), py::arg("resp_grad"),
         py::arg("group_stats"), py::arg("resp_group"),
         "Soft-label pairwise PM loss over all pairs: per-pair loss and d/d(gap), per-response and per-group sums.");
+  m.def("rms_norm_forward", &rms_norm_forward, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("y"),
+        py::arg("rstd"), "RMSNorm of x [rows, d] (float32 or bfloat16 bits) into y (either): y = x * rstd * weight, "
+        "rstd [rows] = 1 / sqrt(mean(x^2) + eps); float32 arithmetic.");
+  m.def("rms_norm_backward", &rms_norm_backward, py::arg("x"), py::arg("weight"), py::arg("rstd"),
+        py::arg("grad_y"), py::arg("grad_x"), py::arg("grad_weight"),
+        "Gradients of rms_norm_forward: grad_x (float32 or bfloat16 bits) and grad_weight [d] (a sum over rows in "
+        "a fixed order).");
+  m.def("swiglu_forward", &swiglu_forward, py::arg("gate"), py::arg("up"), py::arg("out"),
+        "out = silu(gate) * up elementwise (each float32 or bfloat16 bits; float32 arithmetic).");
+  m.def("swiglu_backward", &swiglu_backward, py::arg("gate"), py::arg("up"), py::arg("grad_out"),
+        py::arg("grad_gate"), py::arg("grad_up"), "Gradients of swiglu_forward, from gate and up.");
 
   m.def("paged_decode", &paged_decode, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("scale"), py::arg("out"), py::arg("lse") = py::none(),

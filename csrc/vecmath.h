@@ -43,3 +43,47 @@ static inline float log1p_unit(float e) {
   p = p * s2 + 1.0f;
   return 2.0f * s * p;
 }
+
+// bfloat16 <-> float by bit patterns (numpy has no bfloat16: bf16 buffers arrive as 16-bit integers).
+static inline float bf16_to_float(uint16_t x) {
+  const uint32_t bits = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const uint16_t nan = uint16_t((bits >> 16) | 0x40);
+  const uint16_t rounded = uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+  return (bits & 0x7fffffff) > 0x7f800000 ? nan : rounded;
+}
+
+// sigmoid(x) for any float: through exp(-|x|) so that nothing overflows.
+static inline float sigmoid(float x) {
+  const float e = exp_nonpositive(x > 0 ? -x : x);
+  return (x >= 0 ? 1.0f : e) / (1.0f + e);
+}
+
+// n values from a float32 or bfloat16 buffer (from element `offset`) into float scratch, and back: the kernels
+// that take either storage work on float rows in between.
+static inline void load_floats(const void* src, bool bf16, int64_t offset, int64_t n, float* dst) {
+  if (bf16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src) + offset;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+  } else {
+    std::memcpy(dst, static_cast<const float*>(src) + offset, n * sizeof(float));
+  }
+}
+
+static inline void store_floats(const float* src, int64_t n, void* dst, bool bf16, int64_t offset) {
+  if (bf16) {
+    uint16_t* d = static_cast<uint16_t*>(dst) + offset;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
+  } else {
+    std::memcpy(static_cast<float*>(dst) + offset, src, n * sizeof(float));
+  }
+}

@@ -111,3 +111,57 @@ def test_cuda_bf16_sdpa_close_to_fp32(kind, tied):
     scale = ref.abs().max()
     assert (got - ref).abs().max() / scale < 5e-2
     assert (padded[1, :20] - hf_logits(hf, ids[1:, :20])[0]).abs().max() / scale < 5e-2
+
+
+def saved_bytes(model, tokens: int) -> int:
+    """Bytes autograd keeps for backward during one bf16-mixed training forward of `tokens` tokens (distinct
+    storages: a tensor several ops save counts once)."""
+    storages = {}
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(ids)
+    return sum(storages.values())
+
+
+def test_bf16_mixed_training_keeps_only_what_backward_needs():
+    """Per token and layer: the fp32 residual stream at both norms, bf16 norm outputs, q, k, v, the attention
+    output (and its contiguous copy for o_proj), gate, up and their product, plus one rstd per norm and a
+    log-sum-exp per head. Eager norms and SwiGLU would add fp32 intermediates and one bf16 cast per projection."""
+    _, model = hf_and_ours("llama", tied=False)
+    c = model.config
+    d, q, kv, inter = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, \
+        c.intermediate_size
+    ideal = 2 * 4 * d + 2 * 2 * d + 2 * (q + 2 * kv + 2 * q) + 2 * 3 * inter + 2 * 4 + 4 * c.num_attention_heads
+    per_token_layer = (saved_bytes(model, 96) - saved_bytes(model, 32)) / 64 / c.num_hidden_layers
+    assert per_token_layer <= 1.05 * ideal, (per_token_layer, ideal)
+
+
+def test_activation_checkpointing_keeps_layer_inputs_only_and_gives_the_same_gradients():
+    _, model = hf_and_ours("llama", tied=False)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 30:] = 0
+
+    def grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = model(ids, attention_mask=mask)
+        (h.float().pow(2) * mask[..., None]).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    full = (saved_bytes(model, 96) - saved_bytes(model, 32)) / 64 / model.config.num_hidden_layers
+    model.activation_checkpointing = True
+    recomputed = grads()
+    kept = (saved_bytes(model, 96) - saved_bytes(model, 32)) / 64 / model.config.num_hidden_layers
+    assert plain.keys() == recomputed.keys()
+    for name in plain:  # the same ops on the same inputs: the same bits
+        assert torch.equal(plain[name], recomputed[name]), name
+    # per token: each layer's fp32 input, plus the final norm's (its input and rstd) and the token id
+    layers, d = model.config.num_hidden_layers, model.config.hidden_size
+    assert kept * layers <= 4 * d * (layers + 1) + 16 and kept < full / 4

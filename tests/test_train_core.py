@@ -154,6 +154,32 @@ def test_every_record_is_used_and_the_lr_logged_is_the_one_applied(tmp_path, pm_
     assert lrs[2] == pytest.approx(3e-3) and 0 < lrs[4] < lrs[3] < lrs[2]
 
 
+def test_activation_checkpointing_trains_the_same_weights_bit_for_bit(tmp_path, pm_setup):
+    """run.activation_checkpointing reaches the decoder (its saved activations shrink) and changes no result."""
+    from safetensors.torch import load_file
+    from cai_engine.model.decoder import Transformer
+    seen = []
+    original = Transformer.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.activation_checkpointing and torch.is_grad_enabled())
+        return original(self, *args, **kwargs)
+
+    finals = []
+    for flag in ("false", "true"):
+        run = tmp_path / flag
+        Transformer.forward = spy
+        try:
+            assert train_main(pm_args(pm_setup, run, "--precision", "bf16-mixed", "--set",
+                                      f"run.activation_checkpointing={flag}")) == 0
+        finally:
+            Transformer.forward = original
+        finals.append(load_file(run / "pm" / "final" / "model.safetensors"))
+    assert any(seen) and not all(seen)  # on in the second run's training steps only
+    assert finals[0].keys() == finals[1].keys()
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
 def test_a_run_folder_made_with_another_config_is_refused(tmp_path, pm_setup, capsys):
     run = tmp_path / "run"
     assert train_main(pm_args(pm_setup, run, "--precision", "fp32")) == 0

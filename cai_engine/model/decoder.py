@@ -11,9 +11,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from ..ops.paged_attention import PagedBatch, paged_attention
+from ..ops.rms_norm import rms_norm
+from ..ops.swiglu import swiglu
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_varlen_func
@@ -28,9 +31,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused op; in bf16/fp16 it computes in fp32 and rounds once at the end (HF rounds before the
+        if _training(x, self.weight):
+            # our fused op: saves x and one rstd per row, and hands the projections their matmul dtype
+            # (bf16 under autocast) directly instead of an fp32 result that each of them casts and keeps
+            return rms_norm(x, self.weight, self.eps, out_dtype=compute_dtype(x))
+        # one aten op; in bf16/fp16 it computes in fp32 and rounds once at the end (HF rounds before the
         # weight too: the two differ by at most one rounding, and the eager version was 8 ops per call)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def _training(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Autograd is recording this call: the fused ops pay off there (fewer saved tensors, fewer passes); without
+    it one aten call is cheaper than a custom op's dispatch, which matters in the sampler's decode steps."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's where it is on (bf16-mixed training), else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -62,7 +81,7 @@ class AttentionInputs:
     """Per-forward attention context shared by every layer."""
     cos: torch.Tensor                     # [B, T, head_dim]
     sin: torch.Tensor                     # sin with its first half negated (see apply_rope)
-    mask: torch.Tensor | None = None      # bool [B, 1, T, S], True = attend; None = plain causal
+    mask: torch.Tensor | None = None      # [B, 1, T, S]: bool (True = attend) or additive; None = causal
     varlen: tuple | None = None           # (token index, cu_seqlens, max_len) for flash-attn
     cache: "KVCache | None" = None
     paged: "PagedBatch | None" = None     # the sampling engine's paged KV cache
@@ -147,7 +166,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if _training(gate, self.gate_proj.weight):
+            return self.down_proj(swiglu(gate, up))  # keeps gate and up only, not silu(gate) too
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -174,6 +196,9 @@ class Transformer(nn.Module):
             self.lm_head_weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.use_flash_attn = True
+        # Training only: keep each layer's input and recompute the layer during backward (one more forward's
+        # compute for activations of one layer instead of all). Set by the trainer loop (run.activation_checkpointing).
+        self.activation_checkpointing = False
 
     @property
     def lm_head(self) -> torch.Tensor:
@@ -217,12 +242,14 @@ class Transformer(nn.Module):
             position_ids = position_ids.unsqueeze(0).expand(B, T)
         x = self.embed_tokens(input_ids)
         if paged is not None:  # no mask to build; heads are laid out [T, heads, D] there: rotations [T, 1, D]
-            cos, sin = self._rotations(position_ids[0], x.dtype)
+            cos, sin = self._rotations(position_ids[0], compute_dtype(x))
             ctx = AttentionInputs(cos=cos[:, None], sin=sin[:, None], paged=paged)
         else:
             ctx = self._attention_inputs(x, position_ids, attention_mask, segment_ids, attn_mask, cache)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None and paged is None
         for layer in self.layers:
-            x = layer(x, ctx)
+            # no randomness inside a layer, so no RNG state to save for the recomputation
+            x = checkpoint(layer, x, ctx, use_reentrant=False, preserve_rng_state=False) if recompute else layer(x, ctx)
         if cache is not None:
             cache.length += T
         x = self.norm(x)
@@ -241,7 +268,9 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype), sin.to(dtype)
 
     def _attention_inputs(self, x, position_ids, attention_mask, segment_ids, attn_mask, cache) -> AttentionInputs:
-        cos, sin = self._rotations(position_ids, x.dtype)
+        # in the matmul dtype, as q and k come out of their projections: under autocast an fp32 rotation would
+        # turn bf16 q and k into fp32 copies that attention casts back (the sampler rotates in bf16 too)
+        cos, sin = self._rotations(position_ids, compute_dtype(x))
         ctx = AttentionInputs(cos=cos, sin=sin, cache=cache)
         B, T = position_ids.shape
         if cache is None and attention_mask is None and segment_ids is None and attn_mask is None and T == 1:
@@ -271,7 +300,9 @@ class Transformer(nn.Module):
             mask = mask & attn_mask[:, None].bool()
         # A padded query row would have nothing to attend to (SDPA gives NaN): let it see itself.
         diag = torch.arange(offset, offset + T, device=x.device)[:, None] == torch.arange(offset + T, device=x.device)
-        ctx.mask = mask | diag
+        # additive, in the matmul dtype, made once per forward: SDPA would convert a bool mask in every layer and
+        # autograd would keep each layer's converted copy
+        ctx.mask = torch.zeros(mask.shape, dtype=cos.dtype, device=x.device).masked_fill_(~(mask | diag), float("-inf"))
         return ctx
 
 

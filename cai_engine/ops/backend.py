@@ -26,6 +26,13 @@ def as_numpy(t: torch.Tensor):
     return t.detach().numpy()
 
 
+def as_buffer(t: torch.Tensor):
+    """Zero-copy numpy view for kernels that take float32 or bfloat16: bf16 as its int16 bit patterns (numpy has
+    no bfloat16; the kernels reinterpret the bits)."""
+    t = t.detach()
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
 def check_finite_temperature(temperature: float) -> float:
     if not (temperature > 0 and temperature != float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")

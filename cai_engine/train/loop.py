@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..io import append_jsonl, atomic_write_json, read_json, read_jsonl
+from ..model.decoder import Transformer
 from . import checkpoints as ckpt
 from .config import CheckpointSection, OptimizerSection, RunConfig, diff, stage_key
 from .distributed import (all_reduce_sum, barrier, gradient_sync, is_main, is_sharded, rank, shard_optimizer_state,
@@ -84,6 +85,7 @@ class LoopSettings:
     seed: int
     config: dict[str, Any]              # the resolved config this stage depends on (compared on resume)
     parallel: str = "ddp"               # under torchrun: ddp or fsdp (run.parallel); checkpoints are the same either way
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (run.activation_checkpointing)
     allow_config_change: bool = False   # resume even though `config` differs from the checkpoint's
     progress: bool = True
     checked: bool = False               # preflight done (trainers call it before loading anything)
@@ -99,6 +101,7 @@ def stage_settings(config: RunConfig, stage: str, *, allow_config_change: bool =
     return LoopSettings(stage_dir=Path(config.run.dir) / stage, device=device,
                         precision=resolve_precision(config.precision.mode, device), optimizer=config.optimizer,
                         checkpoint=config.checkpoint, seed=config.run.seed, config=key, parallel=config.run.parallel,
+                        activation_checkpointing=config.run.activation_checkpointing,
                         allow_config_change=allow_config_change, progress=progress)
 
 
@@ -163,6 +166,9 @@ def run_training(task: TrainTask, settings: LoopSettings, log: Callable[[str], N
     seed_everything(settings.seed)
     model = task.model
     model.train()
+    for module in model.modules():  # every decoder the task trains (a policy and its critic alike)
+        if isinstance(module, Transformer):
+            module.activation_checkpointing = settings.activation_checkpointing
     step, history, resumed_from = 0, [], ckpt.latest(stage_dir)
     if resumed_from is not None:  # into the whole model, before FSDP2 shards it (or DDP copies rank 0's)
         ckpt.load_weights(model, resumed_from)
