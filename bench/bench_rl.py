@@ -45,8 +45,10 @@ def run_ours(algorithm: str, prompts: Path, pm: Path, warmup: int, out: Path) ->
         self.ignore_eos = True
     SamplingParams.__init__ = no_eos
     algorithm, _, recompute = algorithm.partition("+")  # "rloo+ac": with activation checkpointing
+    algorithm, _, value_model = algorithm.partition("-")  # "ppo-head": the value head on the policy's trunk
     sets = [f"rl.prompts={prompts}", f"run.dir={out}", f"rl.reward_model={pm}", f"rl.algorithm={algorithm}",
             f"run.activation_checkpointing={'true' if recompute == 'ac' else 'false'}",
+            f"rl.value_model={value_model or 'critic'}",
             f"rl.prompts_per_batch={PROMPTS}", f"rl.samples_per_prompt={SAMPLES}", f"rl.max_new_tokens={NEW_TOKENS}",
             "precision.mode=bf16-mixed", "checkpoint.keep=1", "rl.micro_rows=8", "rl.kv_cache_mb=256"]
     if algorithm == "rloo":
@@ -93,8 +95,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--variants", default="rloo,rloo+ac,ppo,ppo+ac,trl",
-                        help="rloo, ppo (+ac: with activation checkpointing, as TRL does by default), trl")
+    parser.add_argument("--variants", default="rloo,rloo+ac,ppo,ppo+ac,ppo-head+ac,trl",
+                        help="rloo, ppo (a critic from the PM), ppo-head (a value head on the policy); +ac: with "
+                             "activation checkpointing, as TRL does by default; trl")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
     parser.add_argument("--pm", help=argparse.SUPPRESS)
@@ -131,6 +134,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     names = {"rloo": "cai_engine RLOO (1 step)", "rloo+ac": "cai_engine RLOO (1 step) + activation checkpointing",
              "ppo": "cai_engine PPO (critic, 4 steps)", "ppo+ac": "cai_engine PPO (critic, 4 steps) + activation checkpointing",
+             "ppo-head": "cai_engine PPO (value head, 4 steps)",
+             "ppo-head+ac": "cai_engine PPO (value head, 4 steps) + activation checkpointing",
              "trl": "TRL RLOOTrainer (its default gradient checkpointing)"}
     for variant, r in results.items():
         gen = "-" if r["generation_s"] is None else f"{r['generation_s']:.1f}"

@@ -1,4 +1,5 @@
-// Fused log-prob / entropy / KL from bf16 hidden states and LM heads, on AMX-BF16 tiles.
+// Fused log-prob / entropy / KL from bf16 hidden states and LM heads, on AMX-BF16 tiles (or, on CPUs with
+// AVX512-BF16 but no AMX, the same tiles computed with VDPBF16PS vectors: `vector_2x2`).
 //
 // Logits are computed transposed, zT[v, n] = W[v] . h[n], in 32 x 32 blocks of four 16 x 16 fp32 AMX
 // accumulators (TDPBF16PS: bf16 products are exact in fp32, so the only error is fp32 accumulation order).
@@ -10,7 +11,7 @@
 // in bf16) and dh^T (fp32, one partial per thread, summed at the end). Logits never reach memory.
 //
 // Everything that executes AMX or AVX-512 instructions carries a target attribute, and the entry points
-// refuse to run unless bf16_kernels_available() (cpuid + OS tile permission) said yes, so the module still
+// refuse to run unless bf16_kernels_available() (cpuid + OS state) said yes, so the module still
 // imports and runs its fp32 paths on CPUs without these instructions.
 #include "logprob_bf16.h"
 
@@ -20,9 +21,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
+#include <string>
 #include <vector>
 
 #ifdef _OPENMP
@@ -78,24 +81,44 @@ Buffer<T> zeroed(int64_t n) {
 
 // ---------------------------------------------------------------- dispatch
 
-bool detect() {
+struct Cpu {
+  bool avx512_bf16 = false;  // AVX-512 F/DQ/BW/VL + AVX512-BF16 with the OS saving ZMM state: VDPBF16PS
+  bool amx = false;          // and AMX-BF16 tiles the OS hands out: TDPBF16PS
+};
+
+Cpu detect() {
+  Cpu cpu;
   unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return cpu;
   const bool avx512 = (b >> 16 & 1) && (b >> 17 & 1) && (b >> 30 & 1) && (b >> 31 & 1);  // f, dq, bw, vl
   const bool amx = (d >> 22 & 1) && (d >> 24 & 1);                                       // amx-bf16, amx-tile
-  if (!avx512 || !amx || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1)) return false;  // avx512-bf16
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1)) return false;                   // OSXSAVE
+  if (!avx512 || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1)) return cpu;  // avx512-bf16
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1)) return cpu;                     // OSXSAVE
   unsigned lo, hi;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
   const uint64_t xcr0 = (uint64_t(hi) << 32) | lo;
-  if ((xcr0 & 0xe6) != 0xe6 || (xcr0 >> 17 & 3) != 3) return false;  // SSE/AVX/opmask/ZMM state, tile config+data
-  // Linux hands out the 8 KiB tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
-  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  if ((xcr0 & 0xe6) != 0xe6) return cpu;  // SSE/AVX/opmask/ZMM state
+  cpu.avx512_bf16 = true;
+  // tile config + data state, and Linux hands out the 8 KiB tile state only on request (ARCH_REQ_XCOMP_PERM)
+  cpu.amx = amx && (xcr0 >> 17 & 3) == 3 && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return cpu;
 }
 
+const Cpu& cpu() {
+  static const Cpu found = detect();
+  return found;
+}
+
+// Which dot product the tile GEMMs use in the current call: AMX tiles where present, else VDPBF16PS vectors
+// (CAI_ENGINE_AMX=0 forces the vectors, so tests and benchmarks cover both on an AMX machine). Set at each
+// entry point before any thread starts; a call never mixes the two.
+std::atomic<bool> use_amx{false};
+
 void require_kernels() {
-  if (!bf16_kernels_available())
-    throw std::runtime_error("logprob_bf16: this CPU (or OS) lacks AMX-BF16/AVX512-BF16; use the fp32 path");
+  if (!cpu().avx512_bf16)
+    throw std::runtime_error("logprob_bf16: this CPU (or OS) lacks AVX512-BF16; use the fp32 path");
+  const char* env = std::getenv("CAI_ENGINE_AMX");
+  use_amx = cpu().amx && !(env && std::string(env) == "0");
 }
 
 struct alignas(64) TileConfig {
@@ -106,6 +129,7 @@ struct alignas(64) TileConfig {
 
 // tmm0-3: fp32 accumulators, tmm4-5: A (16 rows x 32 bf16), tmm6-7: B (16 pair rows x 16 columns): all 16 x 64 B
 CAI_AMX void configure_tiles() {
+  if (!use_amx) return;
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;
@@ -114,7 +138,41 @@ CAI_AMX void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-CAI_AMX void release_tiles() { _tile_release(); }
+CAI_AMX void release_tiles() {
+  if (use_amx) _tile_release();
+}
+
+// tile_2x2 below on CPUs without AMX: the same operands, VDPBF16PS on 16-float rows. TDPBF16PS computes
+// C[m][n] += sum_p A[m] pair p . B[p] pair n, so each pair p of A row m, broadcast, meets B pair row p:
+// 8 rows of C (16 zmm accumulators) at a time, B's pair rows re-read from L1 for each group of rows.
+CAI_AMX inline void vector_2x2(const void* a, int64_t lda, int64_t a_step, const void* b, int64_t b_next,
+                               int64_t ldb, int64_t b_step, int64_t ksteps, float* c, int64_t ldc, bool accumulate) {
+  constexpr int kRows = 8;
+  char* cp = reinterpret_cast<char*>(c);
+  for (int m0 = 0; m0 < 32; m0 += kRows) {
+    __m512 acc[kRows][2];
+    for (int i = 0; i < kRows; ++i)
+      for (int half = 0; half < 2; ++half)
+        acc[i][half] = accumulate ? _mm512_loadu_ps(cp + (m0 + i) * ldc + 64 * half) : _mm512_setzero_ps();
+    const char* ap = static_cast<const char*>(a) + m0 * lda;
+    const char* bp = static_cast<const char*>(b);
+    for (int64_t k = 0; k < ksteps; ++k, ap += a_step, bp += b_step) {
+      for (int pair = 0; pair < 16; ++pair) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + pair * ldb);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + b_next + pair * ldb);
+        for (int i = 0; i < kRows; ++i) {
+          int32_t bits;
+          std::memcpy(&bits, ap + i * lda + 4 * pair, sizeof bits);
+          const __m512bh a_pair = (__m512bh)_mm512_set1_epi32(bits);
+          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a_pair, b0);
+          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a_pair, b1);
+        }
+      }
+    }
+    for (int i = 0; i < kRows; ++i)
+      for (int half = 0; half < 2; ++half) _mm512_storeu_ps(cp + (m0 + i) * ldc + 64 * half, acc[i][half]);
+  }
+}
 
 // C[32 x 32] (+)= A[32 x 32k] . B[32k x 32]: A rows at `a` with stride lda (bytes), next 32 columns at +a_step;
 // B in pair-interleaved (VNNI) rows at `b` with stride ldb, its second 16 columns at +b_next, next 16 pair rows
@@ -124,6 +182,7 @@ CAI_AMX void release_tiles() { _tile_release(); }
 CAI_AMX inline void tile_2x2(const void* a, int64_t lda, int64_t a_step, const void* b, int64_t b_next, int64_t ldb,
                              int64_t b_step, int64_t ksteps, float* c, int64_t ldc, bool accumulate,
                              const float* prefetch = nullptr) {
+  if (!use_amx) return vector_2x2(a, lda, a_step, b, b_next, ldb, b_step, ksteps, c, ldc, accumulate);
   char* cp = reinterpret_cast<char*>(c);
   if (prefetch)
     for (int r = 0; r < 32; ++r) {
@@ -347,10 +406,9 @@ CAI_AMX void sweep_vocab(const Head& head, const uint32_t* hk, const Head* ref, 
 
 }  // namespace
 
-bool bf16_kernels_available() {
-  static const bool available = detect();
-  return available;
-}
+bool bf16_kernels_available() { return cpu().avx512_bf16; }
+
+bool amx_available() { return cpu().amx; }
 
 namespace {
 

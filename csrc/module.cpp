@@ -34,7 +34,9 @@ PYBIND11_MODULE(_native, m) {
   m.def("kl_backward", &kl_backward, py::arg("logits"), py::arg("ref_logits"), py::arg("inv_temp"), py::arg("lse"),
         py::arg("mean_diff"), py::arg("grad_kl"), "Overwrites logits in place with d(loss)/d(logits) of the KL.");
   m.def("bf16_kernels_available", &bf16_kernels_available,
-        "True when this CPU and OS run the AMX-BF16 / AVX512-BF16 log-prob and KL kernels (the *_bf16 functions).");
+        "True when this CPU and OS run the bf16 log-prob and KL kernels (the *_bf16 functions): AVX512-BF16.");
+  m.def("amx_available", &amx_available,
+        "True when those kernels use AMX-BF16 tiles (else VDPBF16PS vectors; CAI_ENGINE_AMX=0 forces the vectors).");
   m.def("logprob_forward_bf16", &logprob_forward_bf16, py::arg("hidden"), py::arg("weight"), py::arg("bias"),
         py::arg("labels"), py::arg("inv_temp"), py::arg("ignore_index"), py::arg("logp"), py::arg("lse"),
         py::arg("entropy") = py::none(),

@@ -118,24 +118,28 @@ def test_full_kl_compiles_without_graph_breaks(monkeypatch):
     torch.testing.assert_close(w.grad, w2.grad)
 
 
-# ---------------------------------------------------------------- bf16 operands: native AMX-BF16 kernel vs fp32 path
+# ---------------------------------------------------------------- bf16 operands: native kernel (AMX or VDPBF16PS) vs fp32 path
 
 from cai_engine import _native  # noqa: E402
 
-BF16_PATHS = [pytest.param("kernel", marks=pytest.mark.skipif(not _native.bf16_kernels_available(),
-                                                              reason="CPU lacks AMX-BF16")), "fallback"]
+BF16_PATHS = [pytest.param("amx", marks=pytest.mark.skipif(not _native.amx_available(), reason="CPU lacks AMX-BF16")),
+              pytest.param("vectors", marks=pytest.mark.skipif(not _native.bf16_kernels_available(),
+                                                               reason="CPU lacks AVX512-BF16")),
+              "fallback"]
 
 
 @pytest.fixture(params=BF16_PATHS)
 def bf16_path(request, monkeypatch):
+    """The native KL kernel on AMX tiles, on VDPBF16PS vectors (CAI_ENGINE_AMX=0), or the fp32 path."""
     monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
-    monkeypatch.setenv(logprob_mod.BF16_KERNELS_ENV, "1" if request.param == "kernel" else "0")
+    monkeypatch.setenv(logprob_mod.BF16_KERNELS_ENV, "0" if request.param == "fallback" else "1")
+    monkeypatch.setenv("CAI_ENGINE_AMX", "0" if request.param == "vectors" else "1")
     calls = []
     for name in ("kl_forward_bf16", "kl_backward_bf16"):
         real = getattr(_native, name)
         monkeypatch.setattr(_native, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
     yield request.param
-    assert bool(calls) == (request.param == "kernel"), calls
+    assert bool(calls) == (request.param != "fallback"), calls
 
 
 def check_bf16(h, w, rh, rw, b, *, temperature=1.0, atol=1e-4):
@@ -173,7 +177,7 @@ def test_full_kl_bf16_same_model_is_zero(bf16_path):
 
 def test_full_kl_bf16_fallback_gives_the_same_results(monkeypatch):
     if not _native.bf16_kernels_available():
-        pytest.skip("CPU lacks AMX-BF16: only the fallback exists")
+        pytest.skip("CPU lacks AVX512-BF16: only the fallback exists")
     monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
     h, w, rh, rw, b = make(45, 1000, 70, 40, dtype=torch.bfloat16, seed=7, bias=True)
     out = {}

@@ -163,26 +163,30 @@ def test_compiles_without_graph_breaks(monkeypatch):
     torch.testing.assert_close(w.grad, eager_w.grad)
 
 
-# ---------------------------------------------------------------- bf16 operands: native AMX-BF16 kernel vs fp32 path
+# ---------------------------------------------------------------- bf16 operands: native kernel (AMX or VDPBF16PS) vs fp32 path
 
 from cai_engine import _native  # noqa: E402
 
-needs_bf16_kernels = pytest.mark.skipif(not _native.bf16_kernels_available(), reason="CPU lacks AMX-BF16")
-BF16_PATHS = [pytest.param("kernel", marks=needs_bf16_kernels), "fallback"]
+BF16_PATHS = [pytest.param("amx", marks=pytest.mark.skipif(not _native.amx_available(), reason="CPU lacks AMX-BF16")),
+              pytest.param("vectors", marks=pytest.mark.skipif(not _native.bf16_kernels_available(),
+                                                               reason="CPU lacks AVX512-BF16")),
+              "fallback"]
 
 
 @pytest.fixture(params=BF16_PATHS)
 def bf16_path(request, monkeypatch):
-    """bf16 operands on the native backend, through the AMX-BF16 kernel or forced onto the fp32 path."""
+    """bf16 operands on the native backend: the native kernel on AMX tiles or on VDPBF16PS vectors
+    (CAI_ENGINE_AMX=0, what a CPU without AMX runs), or forced onto the fp32 path."""
     monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
-    monkeypatch.setenv(logprob_mod.BF16_KERNELS_ENV, "1" if request.param == "kernel" else "0")
+    monkeypatch.setenv(logprob_mod.BF16_KERNELS_ENV, "0" if request.param == "fallback" else "1")
+    monkeypatch.setenv("CAI_ENGINE_AMX", "0" if request.param == "vectors" else "1")
     calls = []
     for name in ("logprob_forward_bf16", "logprob_backward_bf16"):
         real = getattr(_native, name)
         monkeypatch.setattr(_native, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
     yield request.param
     # the dispatch really went where the path says
-    assert bool(calls) == (request.param == "kernel"), calls
+    assert bool(calls) == (request.param != "fallback"), calls
 
 
 def check_bf16(h, w, b, y, *, temperature=1.0, atol=1e-4):
@@ -248,7 +252,7 @@ def test_bf16_frozen_head(bf16_path):
 
 def test_bf16_fallback_gives_the_same_results(monkeypatch):
     if not _native.bf16_kernels_available():
-        pytest.skip("CPU lacks AMX-BF16: only the fallback exists")
+        pytest.skip("CPU lacks AVX512-BF16: only the fallback exists")
     monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
     h, w, b, y = make(45, 1000, 70, bias=True, dtype=torch.bfloat16, seed=11, ignore=(7,))
     out = {}

@@ -29,7 +29,7 @@ def test_logsumexp_rows_rejects_wrong_rank():
 
 def test_bf16_kernels_name_bad_operands():
     if not _native.bf16_kernels_available():
-        pytest.skip("CPU lacks AMX-BF16")
+        pytest.skip("CPU lacks AVX512-BF16")
     h = np.zeros((4, 8), dtype=np.int16)
     w = np.zeros((10, 6), dtype=np.int16)
     out = [np.zeros(4, dtype=np.float32) for _ in range(3)]
@@ -46,7 +46,7 @@ def test_bf16_kernels_name_bad_operands():
 def test_bf16_kernels_zero_inputs_give_uniform_distribution():
     # bf16 zero bits in, log(1/V) out: the packed-operand plumbing with no arithmetic to hide behind
     if not _native.bf16_kernels_available():
-        pytest.skip("CPU lacks AMX-BF16")
+        pytest.skip("CPU lacks AVX512-BF16")
     logp, lse, ent = (np.zeros(3, dtype=np.float32) for _ in range(3))
     _native.logprob_forward_bf16(np.zeros((3, 5), dtype=np.int16), np.zeros((33, 5), dtype=np.int16), None,
                                  np.array([0, 32, -100]), 1.0, -100, logp, lse, ent)

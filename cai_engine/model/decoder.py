@@ -31,19 +31,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _training(x, self.weight):
-            # our fused op: saves x and one rstd per row, and hands the projections their matmul dtype
-            # (bf16 under autocast) directly instead of an fp32 result that each of them casts and keeps
-            return rms_norm(x, self.weight, self.eps, out_dtype=compute_dtype(x))
-        # one aten op; in bf16/fp16 it computes in fp32 and rounds once at the end (HF rounds before the
-        # weight too: the two differ by at most one rounding, and the eager version was 8 ops per call)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-
-
-def _training(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Autograd is recording this call: the fused ops pay off there (fewer saved tensors, fewer passes); without
-    it one aten call is cheaper than a custom op's dispatch, which matters in the sampler's decode steps."""
-    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        # our fused op: fp32 arithmetic, one rounding; in training it saves x and one rstd per row and hands the
+        # projections their matmul dtype (bf16 under autocast) instead of an fp32 result each of them casts and
+        # keeps. Training, evaluation and sampling all run it, so the three score a token with the same bits.
+        return rms_norm(x, self.weight, self.eps, out_dtype=compute_dtype(x))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -166,10 +157,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if _training(gate, self.gate_proj.weight):
-            return self.down_proj(swiglu(gate, up))  # keeps gate and up only, not silu(gate) too
-        return self.down_proj(F.silu(gate) * up)
+        # our fused op (one rounding; in training it keeps gate and up only, not silu(gate) too)
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

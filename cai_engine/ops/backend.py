@@ -33,6 +33,13 @@ def as_buffer(t: torch.Tensor):
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
+def needs_autograd(*tensors: torch.Tensor) -> bool:
+    """Autograd records this call (or torch.compile traces it, which wants the custom op either way)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def check_finite_temperature(temperature: float) -> float:
     if not (temperature > 0 and temperature != float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")

@@ -3,9 +3,10 @@
 Forward keeps per-token statistics only (log-sum-exp, entropy); backward recomputes the logits one
 [chunk, V] tile at a time, turns the tile into d(loss)/d(logits) in place, and feeds it to two GEMMs
 (dh = dz @ W, dW += dz^T @ h). Backends: Triton (CUDA), native C++ epilogues around BLAS GEMMs (CPU),
-and the dense torch reference. On CPUs with AMX-BF16, bf16 operands go to a native kernel that computes
-each logit tile, its epilogue and its gradient GEMMs in cache (csrc/logprob_bf16.cpp); elsewhere, or with
-CAI_ENGINE_BF16_KERNELS=0, they are converted to fp32 for the BLAS path.
+and the dense torch reference. On CPUs with AVX512-BF16, bf16 operands go to a native kernel that computes
+each logit tile, its epilogue and its gradient GEMMs in cache (csrc/logprob_bf16.cpp), on AMX-BF16 tiles where
+the CPU has them and on VDPBF16PS vectors where it does not (CAI_ENGINE_AMX=0 forces the vectors); on older
+CPUs, or with CAI_ENGINE_BF16_KERNELS=0, they are converted to fp32 for the BLAS path.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from .backend import as_numpy, check_finite_temperature, choose_backend
 
-BF16_KERNELS_ENV = "CAI_ENGINE_BF16_KERNELS"  # "0": bf16 operands take the fp32 path even where the CPU has AMX
+BF16_KERNELS_ENV = "CAI_ENGINE_BF16_KERNELS"  # "0": bf16 operands take the fp32 path even where the kernels run
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB of fp32
 MIN_BLOCK_COLS = 4096     # backward vocabulary blocks stay wide enough for efficient GEMMs
 
@@ -45,11 +46,11 @@ def token_logprobs_reference(hidden, weight, labels, bias=None, temperature=1.0,
     return logp, entropy
 
 
-# ---------------------------------------------------------------- native bf16 kernels (AMX-BF16 CPUs)
+# ---------------------------------------------------------------- native bf16 kernels (AVX512-BF16 CPUs)
 
 def bf16_kernels(*operands: Optional[Tensor]) -> bool:
-    """Whether the native bf16 kernels run for these operands: all bf16 and on CPU, the CPU has AMX-BF16
-    and AVX512-BF16 (checked at run time, so the module imports everywhere), and not disabled by the env."""
+    """Whether the native bf16 kernels run for these operands: all bf16 and on CPU, the CPU has AVX512-BF16
+    (checked at run time, so the module imports everywhere), and not disabled by the env."""
     if os.environ.get(BF16_KERNELS_ENV, "1").strip() == "0":
         return False
     if any(t.dtype != torch.bfloat16 or t.is_cuda for t in operands if t is not None):

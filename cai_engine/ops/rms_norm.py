@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import as_buffer, as_numpy, choose_backend
+from .backend import as_buffer, as_numpy, choose_backend, needs_autograd
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # storage the kernels read and write; others take the reference
 
@@ -32,8 +32,7 @@ def _weight_numpy(weight: Tensor):
     return as_numpy(weight.detach().clone())
 
 
-@torch.library.custom_op("cai_engine::rms_norm", mutates_args=())
-def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor]:
+def _forward(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor]:
     """(y [rows, d] in out_dtype, rstd [rows] fp32) from contiguous x [rows, d] and fp32 weight [d]."""
     rows, d = x.shape
     y = torch.empty(rows, d, dtype=out_dtype, device=x.device)
@@ -45,6 +44,11 @@ def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype, 
         from ..kernels import rms_norm as tk
         tk.rms_norm_forward(x, weight, eps, y, rstd)
     return y, rstd
+
+
+@torch.library.custom_op("cai_engine::rms_norm", mutates_args=())
+def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor]:
+    return _forward(x, weight, eps, out_dtype, backend)
 
 
 @_rms_norm_op.register_fake
@@ -85,5 +89,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: Optional[torch.dt
     backend = choose_backend(x)
     if backend == "torch" or x.dtype not in KERNEL_DTYPES or out_dtype not in KERNEL_DTYPES:
         return rms_norm_reference(x, weight, eps, out_dtype)
-    y, _ = _rms_norm_op(x.reshape(-1, d).contiguous(), weight.float().contiguous(), float(eps), out_dtype, backend)
+    args = (x.reshape(-1, d).contiguous(), weight.float().contiguous(), float(eps), out_dtype, backend)
+    # Without autograd the kernel is called directly (a custom op's dispatch costs more than the kernel at decode
+    # sizes): the same bits, so a model scores the same with and without gradients (PPO ratios, DPO references).
+    y, _ = _rms_norm_op(*args) if needs_autograd(x, weight) else _forward(*args)
     return y.view(x.shape)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import as_buffer, choose_backend
+from .backend import as_buffer, choose_backend, needs_autograd
 from .rms_norm import KERNEL_DTYPES
 
 
@@ -21,8 +21,7 @@ def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
     return (F.silu(gate.to(dtype)) * up.to(dtype)).to(gate.dtype)
 
 
-@torch.library.custom_op("cai_engine::swiglu", mutates_args=())
-def _swiglu_op(gate: Tensor, up: Tensor, backend: str) -> Tensor:
+def _forward(gate: Tensor, up: Tensor, backend: str) -> Tensor:
     out = torch.empty_like(gate)
     if backend == "native":
         from .. import _native
@@ -31,6 +30,11 @@ def _swiglu_op(gate: Tensor, up: Tensor, backend: str) -> Tensor:
         from ..kernels import swiglu as tk
         tk.swiglu_forward(gate, up, out)
     return out
+
+
+@torch.library.custom_op("cai_engine::swiglu", mutates_args=())
+def _swiglu_op(gate: Tensor, up: Tensor, backend: str) -> Tensor:
+    return _forward(gate, up, backend)
 
 
 @_swiglu_op.register_fake
@@ -69,4 +73,6 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     backend = choose_backend(gate)
     if backend == "torch" or gate.dtype not in KERNEL_DTYPES:
         return swiglu_reference(gate, up)
-    return _swiglu_op(gate.contiguous(), up.contiguous(), backend)
+    args = (gate.contiguous(), up.contiguous(), backend)
+    # without autograd, the kernel directly (the same bits; see rms_norm)
+    return _swiglu_op(*args) if needs_autograd(gate, up) else _forward(*args)
