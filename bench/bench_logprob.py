@@ -31,6 +31,7 @@ from cai_engine.ops import token_logprobs  # noqa: E402
 
 OURS = "cai_engine (logp+entropy)"
 OURS_FP32_PATH = "cai_engine, bf16 converted to fp32 (CAI_ENGINE_BF16_KERNELS=0)"
+OURS_VECTORS = "cai_engine on VDPBF16PS vectors, no AMX (CAI_ENGINE_AMX=0)"  # what AVX512-BF16-only CPUs run
 DENSE = "dense (logp+entropy)"
 LINEAR_CE = "F.linear_cross_entropy"
 CCE = "cut-cross-entropy torch_compile"
@@ -67,7 +68,7 @@ def logprob_fns(h, w, y) -> dict:
         nll = linear_cross_entropy(h, w, y, reduction="none", impl="torch_compile")
         return -nll, nll.mean()
 
-    out = {OURS: ours, OURS_FP32_PATH: ours, DENSE: dense}
+    out = {OURS: ours, OURS_VECTORS: ours, OURS_FP32_PATH: ours, DENSE: dense}
     if hasattr(F, "linear_cross_entropy"):
         out[LINEAR_CE] = linear_ce
     if h.is_cuda:
@@ -104,7 +105,7 @@ def step_fn(name, h, w, y, backward: bool):
 
 
 def variant_env(name: str) -> dict[str, str]:
-    return {"CAI_ENGINE_BF16_KERNELS": "0"} if name == OURS_FP32_PATH else {}
+    return {OURS_FP32_PATH: {"CAI_ENGINE_BF16_KERNELS": "0"}, OURS_VECTORS: {"CAI_ENGINE_AMX": "0"}}.get(name, {})
 
 
 def reference_logprobs(h, w, y, rows: int = 256) -> torch.Tensor:
@@ -184,7 +185,8 @@ def main() -> None:
     common_args = ["--n", str(n), "--d", str(d), "--v", str(v), "--dtype", args.dtype, "--threads",
                    str(args.threads), "--repeats", str(args.repeats)] + (["--gpu"] if args.gpu else [])
     h, w, y = inputs(n, d, v, dtype, device, False)
-    names = [k for k in logprob_fns(h, w, y) if not (k == OURS_FP32_PATH and dtype != torch.bfloat16)] + [FLOOR]
+    names = [k for k in logprob_fns(h, w, y)
+             if not (k in (OURS_FP32_PATH, OURS_VECTORS) and (dtype != torch.bfloat16 or h.is_cuda))] + [FLOOR]
     if args.only:
         names = [k for k in names if k in args.only]
     print(f"# token log-prob: N={n} d={d} V={v} {dtype}, {args.threads} threads, on {machine_line(device)}")

@@ -6,6 +6,7 @@ using bf16_array = py::array_t<int16_t, 0>;
 
 bool bf16_kernels_available();  // AVX512-BF16 (VDPBF16PS); AMX-BF16 tiles too where amx_available()
 bool amx_available();
+bool bf16_kernels_preferred();  // AMX, or VDPBF16PS on a CPU that issues it at full rate (AMD)
 void logprob_forward_bf16(bf16_array hidden, bf16_array weight, py::object bias, i64_array labels, float inv_temp,
                           int64_t ignore_index, f32_out logp, f32_out lse, py::object entropy);
 void logprob_backward_bf16(bf16_array hidden, bf16_array weight, py::object bias, i64_array labels, float inv_temp,

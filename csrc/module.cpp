@@ -37,6 +37,9 @@ PYBIND11_MODULE(_native, m) {
         "True when this CPU and OS run the bf16 log-prob and KL kernels (the *_bf16 functions): AVX512-BF16.");
   m.def("amx_available", &amx_available,
         "True when those kernels use AMX-BF16 tiles (else VDPBF16PS vectors; CAI_ENGINE_AMX=0 forces the vectors).");
+  m.def("bf16_kernels_preferred", &bf16_kernels_preferred,
+        "True where the bf16 kernels beat converting bf16 operands to fp32 for BLAS: AMX tiles, or VDPBF16PS on "
+        "AMD CPUs (Intel cores without AMX issue it at half the flops of fp32 FMAs).");
   m.def("logprob_forward_bf16", &logprob_forward_bf16, py::arg("hidden"), py::arg("weight"), py::arg("bias"),
         py::arg("labels"), py::arg("inv_temp"), py::arg("ignore_index"), py::arg("logp"), py::arg("lse"),
         py::arg("entropy") = py::none(),

@@ -5,8 +5,9 @@ Forward keeps per-token statistics only (log-sum-exp, entropy); backward recompu
 (dh = dz @ W, dW += dz^T @ h). Backends: Triton (CUDA), native C++ epilogues around BLAS GEMMs (CPU),
 and the dense torch reference. On CPUs with AVX512-BF16, bf16 operands go to a native kernel that computes
 each logit tile, its epilogue and its gradient GEMMs in cache (csrc/logprob_bf16.cpp), on AMX-BF16 tiles where
-the CPU has them and on VDPBF16PS vectors where it does not (CAI_ENGINE_AMX=0 forces the vectors); on older
-CPUs, or with CAI_ENGINE_BF16_KERNELS=0, they are converted to fp32 for the BLAS path.
+the CPU has them and on VDPBF16PS vectors on AMD CPUs without (CAI_ENGINE_AMX=0 forces the vectors anywhere);
+elsewhere (Intel cores without AMX run VDPBF16PS at half their fp32 FMA flops), or with
+CAI_ENGINE_BF16_KERNELS=0, they are converted to fp32 for the BLAS path.
 """
 from __future__ import annotations
 
@@ -49,14 +50,18 @@ def token_logprobs_reference(hidden, weight, labels, bias=None, temperature=1.0,
 # ---------------------------------------------------------------- native bf16 kernels (AVX512-BF16 CPUs)
 
 def bf16_kernels(*operands: Optional[Tensor]) -> bool:
-    """Whether the native bf16 kernels run for these operands: all bf16 and on CPU, the CPU has AVX512-BF16
-    (checked at run time, so the module imports everywhere), and not disabled by the env."""
+    """Whether the native bf16 kernels run for these operands: all bf16 and on CPU, and the CPU runs them faster
+    than the fp32 path (AMX tiles, or VDPBF16PS on AMD; checked at run time, so the module imports everywhere).
+    CAI_ENGINE_BF16_KERNELS=0 forces the fp32 path; CAI_ENGINE_AMX=0 forces the VDPBF16PS kernel on any CPU
+    with AVX512-BF16 (tests and benchmarks of the vector kernel)."""
     if os.environ.get(BF16_KERNELS_ENV, "1").strip() == "0":
         return False
     if any(t.dtype != torch.bfloat16 or t.is_cuda for t in operands if t is not None):
         return False
     from .. import _native
-    return _native.bf16_kernels_available()
+    if not _native.bf16_kernels_available():
+        return False
+    return _native.bf16_kernels_preferred() or os.environ.get("CAI_ENGINE_AMX", "").strip() == "0"
 
 
 def as_bf16_numpy(t: Tensor):
