@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .backend import as_numpy, check_finite_temperature, choose_backend
+from .backend import as_buffer, as_numpy, check_finite_temperature, choose_backend
 
 BF16_KERNELS_ENV = "CAI_ENGINE_BF16_KERNELS"  # "0": bf16 operands take the fp32 path even where the kernels run
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB of fp32
@@ -82,9 +82,7 @@ def head_grad_buffers(hidden: Tensor, weight: Tensor, needs) -> tuple[Tensor, Te
 
 
 def grad_buffer_numpy(t: Tensor, needed: bool):
-    if not needed:
-        return None
-    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    return as_buffer(t) if needed else None
 
 
 def _forward_native_bf16(h, w, b, labels, inv_temp, ignore_index, with_entropy):
