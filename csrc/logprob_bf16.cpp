@@ -1,5 +1,5 @@
 // Fused log-prob / entropy / KL from bf16 hidden states and LM heads, on AMX-BF16 tiles (or, on CPUs with
-// AVX512-BF16 but no AMX, the same tiles computed with VDPBF16PS vectors: `vector_2x2`).
+// AVX512-BF16 but no AMX, the same tiles computed with VDPBF16PS vectors: `vector_tiles`).
 //
 // Logits are computed transposed, zT[v, n] = W[v] . h[n], in 32 x 32 blocks of four 16 x 16 fp32 AMX
 // accumulators (TDPBF16PS: bf16 products are exact in fp32, so the only error is fp32 accumulation order).
@@ -9,235 +9,24 @@
 // sweeps tokens per vocabulary block, recomputes each logit tile, turns it into dL/dz in bf16 while it
 // is in cache, and feeds it to two more tile GEMMs: dW for the block (accumulated in fp32, written once,
 // in bf16) and dh^T (fp32, one partial per thread, summed at the end). Logits never reach memory.
-//
-// Everything that executes AMX or AVX-512 instructions carries a target attribute, and the entry points
-// refuse to run unless bf16_kernels_available() (cpuid + OS state) said yes, so the module still
-// imports and runs its fp32 paths on CPUs without these instructions.
+// The tile machinery (dispatch, tile_2x2, Head, token packing) lives in bf16_tiles.h.
 #include "logprob_bf16.h"
 
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <memory>
-#include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
+#include "bf16_tiles.h"
 #include "logprob.h"
 #include "vecmath.h"
 
-#define CAI_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+using namespace bf16_tiles;
 
 namespace {
 
-constexpr int64_t kTile = 32;          // one 2 x 2 block of 16 x 16 accumulators
 constexpr int64_t kFwdTokens = 256;    // tokens per forward block (their packed hidden stays in L2)
 constexpr int64_t kFwdRows = 32;       // vocabulary rows per forward epilogue chunk
 constexpr int64_t kBwdRows = 256;      // vocabulary rows per backward block (its fp32 dW stays in L2)
 constexpr int64_t kBwdTokens = 128;    // tokens per backward tile
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-template <class T>
-struct AlignedFree {
-  void operator()(T* p) const { std::free(p); }
-};
-template <class T>
-using Buffer = std::unique_ptr<T[], AlignedFree<T>>;
-
-template <class T>
-Buffer<T> zeroed(int64_t n) {
-  const size_t bytes = round_up(std::max<int64_t>(n, 1) * sizeof(T), 64);
-  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
-  if (!p) throw std::bad_alloc();
-  std::memset(p, 0, bytes);
-  return Buffer<T>(p);
-}
-
-// ---------------------------------------------------------------- dispatch
-
-struct Cpu {
-  bool avx512_bf16 = false;  // AVX-512 F/DQ/BW/VL + AVX512-BF16 with the OS saving ZMM state: VDPBF16PS
-  bool amx = false;          // and AMX-BF16 tiles the OS hands out: TDPBF16PS
-  bool amd = false;          // AuthenticAMD
-};
-
-Cpu detect() {
-  Cpu cpu;
-  unsigned a, b, c, d;
-  if (__get_cpuid(0, &a, &b, &c, &d)) cpu.amd = b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return cpu;
-  const bool avx512 = (b >> 16 & 1) && (b >> 17 & 1) && (b >> 30 & 1) && (b >> 31 & 1);  // f, dq, bw, vl
-  const bool amx = (d >> 22 & 1) && (d >> 24 & 1);                                       // amx-bf16, amx-tile
-  if (!avx512 || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1)) return cpu;  // avx512-bf16
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1)) return cpu;                     // OSXSAVE
-  unsigned lo, hi;
-  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  const uint64_t xcr0 = (uint64_t(hi) << 32) | lo;
-  if ((xcr0 & 0xe6) != 0xe6) return cpu;  // SSE/AVX/opmask/ZMM state
-  cpu.avx512_bf16 = true;
-  // tile config + data state, and Linux hands out the 8 KiB tile state only on request (ARCH_REQ_XCOMP_PERM)
-  cpu.amx = amx && (xcr0 >> 17 & 3) == 3 && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return cpu;
-}
-
-const Cpu& cpu() {
-  static const Cpu found = detect();
-  return found;
-}
-
-// Which dot product the tile GEMMs use in the current call: AMX tiles where present, else VDPBF16PS vectors
-// (CAI_ENGINE_AMX=0 forces the vectors, so tests and benchmarks cover both on an AMX machine). Set at each
-// entry point before any thread starts; a call never mixes the two.
-std::atomic<bool> use_amx{false};
-
-void require_kernels() {
-  if (!cpu().avx512_bf16)
-    throw std::runtime_error("logprob_bf16: this CPU (or OS) lacks AVX512-BF16; use the fp32 path");
-  const char* env = std::getenv("CAI_ENGINE_AMX");
-  use_amx = cpu().amx && !(env && std::string(env) == "0");
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// tmm0-3: fp32 accumulators, tmm4-5: A (16 rows x 32 bf16), tmm6-7: B (16 pair rows x 16 columns): all 16 x 64 B
-CAI_AMX void configure_tiles() {
-  if (!use_amx) return;
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-CAI_AMX void release_tiles() {
-  if (use_amx) _tile_release();
-}
-
-// tile_2x2 below on CPUs without AMX: the same operands, VDPBF16PS on 16-float rows. TDPBF16PS computes
-// C[m][n] += sum_p A[m] pair p . B[p] pair n, so each pair p of A row m, broadcast, meets B pair row p:
-// 8 rows of C (16 zmm accumulators) at a time, B's pair rows re-read from L1 for each group of rows.
-CAI_AMX inline void vector_2x2(const void* a, int64_t lda, int64_t a_step, const void* b, int64_t b_next,
-                               int64_t ldb, int64_t b_step, int64_t ksteps, float* c, int64_t ldc, bool accumulate) {
-  constexpr int kRows = 8;
-  char* cp = reinterpret_cast<char*>(c);
-  for (int m0 = 0; m0 < 32; m0 += kRows) {
-    __m512 acc[kRows][2];
-    for (int i = 0; i < kRows; ++i)
-      for (int half = 0; half < 2; ++half)
-        acc[i][half] = accumulate ? _mm512_loadu_ps(cp + (m0 + i) * ldc + 64 * half) : _mm512_setzero_ps();
-    const char* ap = static_cast<const char*>(a) + m0 * lda;
-    const char* bp = static_cast<const char*>(b);
-    for (int64_t k = 0; k < ksteps; ++k, ap += a_step, bp += b_step) {
-      for (int pair = 0; pair < 16; ++pair) {
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + pair * ldb);
-        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + b_next + pair * ldb);
-        for (int i = 0; i < kRows; ++i) {
-          int32_t bits;
-          std::memcpy(&bits, ap + i * lda + 4 * pair, sizeof bits);
-          const __m512bh a_pair = (__m512bh)_mm512_set1_epi32(bits);
-          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a_pair, b0);
-          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a_pair, b1);
-        }
-      }
-    }
-    for (int i = 0; i < kRows; ++i)
-      for (int half = 0; half < 2; ++half) _mm512_storeu_ps(cp + (m0 + i) * ldc + 64 * half, acc[i][half]);
-  }
-}
-
-// C[32 x 32] (+)= A[32 x 32k] . B[32k x 32]: A rows at `a` with stride lda (bytes), next 32 columns at +a_step;
-// B in pair-interleaved (VNNI) rows at `b` with stride ldb, its second 16 columns at +b_next, next 16 pair rows
-// at +b_step; C rows with stride ldc. All strides in bytes.
-// `prefetch` (optional): the next C block, requested while this one computes, since accumulators streamed
-// from L3 (the dh^T partials) would otherwise stall every tile load.
-CAI_AMX inline void tile_2x2(const void* a, int64_t lda, int64_t a_step, const void* b, int64_t b_next, int64_t ldb,
-                             int64_t b_step, int64_t ksteps, float* c, int64_t ldc, bool accumulate,
-                             const float* prefetch = nullptr) {
-  if (!use_amx) return vector_2x2(a, lda, a_step, b, b_next, ldb, b_step, ksteps, c, ldc, accumulate);
-  char* cp = reinterpret_cast<char*>(c);
-  if (prefetch)
-    for (int r = 0; r < 32; ++r) {
-      const char* line = reinterpret_cast<const char*>(prefetch) + r * ldc;
-      _mm_prefetch(line, _MM_HINT_T0);
-      _mm_prefetch(line + 64, _MM_HINT_T0);
-    }
-  if (accumulate) {
-    _tile_loadd(0, cp, ldc);
-    _tile_loadd(1, cp + 64, ldc);
-    _tile_loadd(2, cp + 16 * ldc, ldc);
-    _tile_loadd(3, cp + 16 * ldc + 64, ldc);
-  } else {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-  }
-  const char* ap = static_cast<const char*>(a);
-  const char* bp = static_cast<const char*>(b);
-  for (int64_t k = 0; k < ksteps; ++k, ap += a_step, bp += b_step) {
-    _tile_loadd(4, ap, lda);
-    _tile_loadd(5, ap + 16 * lda, lda);
-    _tile_loadd(6, bp, ldb);
-    _tile_loadd(7, bp + b_next, ldb);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, cp, ldc);
-  _tile_stored(1, cp + 64, ldc);
-  _tile_stored(2, cp + 16 * ldc, ldc);
-  _tile_stored(3, cp + 16 * ldc + 64, ldc);
-}
-
-// The scalar exp_nonpositive of vecmath.h, 16 lanes at a time.
-CAI_AMX inline __m512 exp_nonpositive16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.0f);
-  const __m512 xc = _mm512_max_ps(x, lo);
-  const __m512 kf = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fmadd_ps(kf, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), _mm512_scalef_ps(p, kf));
-}
 
 // ---------------------------------------------------------------- operands
 
@@ -272,61 +61,6 @@ const float* f32_in(const f32_array& a, int64_t rows, const char* name) {
   return a.data();
 }
 
-// One LM head: W [V, d] bf16 as the A operand of the logit tiles (32 rows of Kp columns, stride Kp), and
-// optionally W^T [Kp, Vp] as the A operand of dh^T. Rows and columns past V and d read as zeros.
-struct Head {
-  const uint16_t* w;
-  const float* bias;  // [V] or null
-  int64_t V, d, Kp, Vp;
-  Buffer<uint16_t> padded;      // [Vp, Kp] when d is not a multiple of 32
-  Buffer<uint16_t> tail;        // the last, partial 32-row block [32, Kp]
-
-  Head(const uint16_t* w_, const float* b, int64_t V_, int64_t d_) : w(w_), bias(b), V(V_), d(d_) {
-    Kp = round_up(d, kTile);
-    Vp = round_up(V, kTile);
-    if (Kp != d) {
-      padded = zeroed<uint16_t>(Vp * Kp);
-      for (int64_t v = 0; v < V; ++v) std::memcpy(padded.get() + v * Kp, w + v * d, d * 2);
-    } else if (Vp != V) {
-      tail = zeroed<uint16_t>(kTile * Kp);
-      const int64_t v0 = Vp - kTile;
-      std::memcpy(tail.get(), w + v0 * d, (V - v0) * d * 2);
-    }
-  }
-
-  const uint16_t* rows(int64_t v0) const {  // 32 rows from v0 (a multiple of 32), stride Kp
-    if (padded) return padded.get() + v0 * Kp;
-    if (tail && v0 + kTile > V) return tail.get();
-    return w + v0 * Kp;
-  }
-
-  // W[v0 : v0 + rows]^T into t [Kp, rows] (zeros past V and d): the A operand of dh^T for one vocabulary
-  // block, built per block in the thread that uses it (hot in L2; no [d, V] copy of the head, and a
-  // 512-byte row stride where a full W^T would put every tile row on a different page).
-  void transpose_block(int64_t v0, int64_t rows, uint16_t* t) const {
-    std::memset(t, 0, Kp * rows * sizeof(uint16_t));
-    const int64_t nv = std::min(rows, V - v0);
-    for (int64_t c0 = 0; c0 < d; c0 += 32)
-      for (int64_t v = 0; v < nv; ++v) {
-        const uint16_t* src = w + (v0 + v) * d;
-        for (int64_t c = c0; c < std::min(c0 + 32, d); ++c) t[c * rows + v] = src[c];
-      }
-  }
-
-  float bias_at(int64_t v) const { return bias ? bias[v] : 0.f; }
-};
-
-// Hidden states as B operands: by 16-token blocks with K pairs as rows ([Np/16][Kp/2][16] pairs) for the
-// logit tiles, and by token pairs ([Np/2][Kp] pairs) for dW.
-Buffer<uint32_t> pack_tokens_by_k(const uint16_t* h, int64_t N, int64_t d, int64_t Np, int64_t Kp) {
-  auto out = zeroed<uint32_t>(Np * Kp / 2);
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.get());
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < d; ++k) o[((n / 16) * (Kp / 2) * 16 + (k / 2) * 16 + n % 16) * 2 + k % 2] = h[n * d + k];
-  return out;
-}
-
 Buffer<uint16_t> pack_tokens_by_pairs(const uint16_t* h, int64_t N, int64_t d, int64_t Np, int64_t Kp) {
   auto out = zeroed<uint16_t>(Np * Kp);
   uint16_t* o = out.get();
@@ -334,18 +68,6 @@ Buffer<uint16_t> pack_tokens_by_pairs(const uint16_t* h, int64_t N, int64_t d, i
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < d; ++k) o[(n / 2) * Kp * 2 + k * 2 + n % 2] = h[n * d + k];
   return out;
-}
-
-// zT[v, n] for 32-row blocks v in [v0, v0 + nv) and tokens [n0, n0 + nn) (multiples of 32), into z (row stride ldz)
-CAI_AMX void logit_tiles(const Head& head, const uint32_t* hk, int64_t v0, int64_t nv, int64_t n0, int64_t nn,
-                         float* z, int64_t ldz) {
-  const int64_t kp = head.Kp;
-  for (int64_t vi = 0; vi < nv; vi += kTile) {
-    const uint16_t* a = head.rows(v0 + vi);
-    for (int64_t ni = 0; ni < nn; ni += kTile)
-      tile_2x2(a, kp * 2, 64, hk + (n0 + ni) / 16 * (kp / 2) * 16, kp * 32, 64, 1024, kp / kTile,
-               z + vi * ldz + ni, ldz * 4, false);
-  }
 }
 
 // Exact logit of each token's label (fp32 products of bf16 inputs summed in double).
@@ -400,8 +122,8 @@ CAI_AMX void sweep_vocab(const Head& head, const uint32_t* hk, const Head* ref, 
   const int64_t nnp = round_up(nn, kTile);
   for (int64_t v0 = 0; v0 < head.V; v0 += kFwdRows) {
     const int64_t nv = std::min(kFwdRows, head.V - v0);
-    logit_tiles(head, hk, v0, kFwdRows, n0, nnp, zbuf, kFwdTokens);
-    if (ref) logit_tiles(*ref, rk, v0, kFwdRows, n0, nnp, rbuf, kFwdTokens);
+    weight_tiles(head, hk, v0, kFwdRows, n0, nnp, zbuf, kFwdTokens);
+    if (ref) weight_tiles(*ref, rk, v0, kFwdRows, n0, nnp, rbuf, kFwdTokens);
     chunk(v0, nv, nnp);
   }
 }
@@ -648,8 +370,8 @@ CAI_AMX void backward_sweep(const uint16_t* h, int64_t N, Head& head, const uint
       float db_rows[kBwdRows] = {};
       for (int64_t n0 = 0; n0 < N; n0 += kBwdTokens) {
         const int64_t nnp = round_up(std::min(kBwdTokens, N - n0), kTile);
-        logit_tiles(head, hk.get(), v0, nvp, n0, nnp, zbuf.get(), kBwdTokens);
-        if (ref) logit_tiles(*ref, rk.get(), v0, nvp, n0, nnp, rbuf.get(), kBwdTokens);
+        weight_tiles(head, hk.get(), v0, nvp, n0, nnp, zbuf.get(), kBwdTokens);
+        if (ref) weight_tiles(*ref, rk.get(), v0, nvp, n0, nnp, rbuf.get(), kBwdTokens);
         for (int64_t v = 0; v < nvp; v += 2) {
           for (int64_t g = 0; g < nnp; g += 16) {
             __m512 d0 = _mm512_setzero_ps(), d1 = d0;

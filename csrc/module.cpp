@@ -3,10 +3,12 @@
 #include "block_manager.h"
 #include "common.h"
 #include "logprob.h"
+#include "linear_bf16.h"
 #include "logprob_bf16.h"
 #include "paged_attention.h"
 #include "pm_loss.h"
 #include "rms_norm.h"
+#include "rope.h"
 #include "rowstats.h"
 #include "swiglu.h"
 
@@ -22,6 +24,10 @@ PYBIND11_MODULE(_native, m) {
   m.def("sample_rows", &sample_rows, py::arg("logprobs"), py::arg("uniforms"),
         "One draw per row of exp(logprobs) [rows, V] by inverting its CDF at uniforms[row] (in [0, 1)): one pass "
         "for the row's mass, a second that stops at the chunk the running mass passes; never a token of zero mass.");
+  m.def("sample_nucleus", &sample_nucleus, py::arg("logits"), py::arg("inv_temp"), py::arg("top_p"),
+        py::arg("uniforms"), py::arg("tokens"), py::arg("raw_logprob"), py::arg("processed_logprob"),
+        "Temperature + top-p sampling per row of float32 logits [rows, V]: the token at uniforms[row] of the nucleus' "
+        "CDF (vocabulary order), and its raw and processed log-probs; no [rows, V] intermediate.");
   m.def("logprob_forward", &logprob_forward, py::arg("logits"), py::arg("labels"), py::arg("inv_temp"),
         py::arg("ignore_index"), py::arg("logp"), py::arg("lse"), py::arg("entropy") = py::none(),
         "Row statistics of softmax(logits * inv_temp): writes log p(label), log-sum-exp and (optionally) entropy.");
@@ -40,6 +46,18 @@ PYBIND11_MODULE(_native, m) {
   m.def("bf16_kernels_preferred", &bf16_kernels_preferred,
         "True where the bf16 kernels beat converting bf16 operands to fp32 for BLAS: AMX tiles, or VDPBF16PS on "
         "AMD CPUs (Intel cores without AMX issue it at half the flops of fp32 FMAs).");
+  m.def("linear_bf16", &linear_bf16, py::arg("x"), py::arg("weights"), py::arg("biases"), py::arg("outs"),
+        py::arg("residual") = py::none(), py::arg("norm_weight") = py::none(), py::arg("eps") = 0.f,
+        "bf16 linear layers on AMX tiles: outs[j] = rms_norm?(x) @ weights[j].T (+ biases[j]) (+ residual), fp32 "
+        "accumulation, one rounding; x normalised (with norm_weight) and packed once for every weight.");
+  m.def("gated_linear_bf16", &gated_linear_bf16, py::arg("x"), py::arg("gate_weight"), py::arg("up_weight"),
+        py::arg("out"), py::arg("norm_weight") = py::none(), py::arg("eps") = 0.f,
+        "out = silu(h @ gate_weight.T) * (h @ up_weight.T) from bf16 operands, rounded once; h = rms_norm(x) with "
+        "norm_weight, else x.");
+  m.def("rope_store", &rope_store, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin_signed"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
+        "Rotate q [T, H, D] and k [T, KV, D] in place (RoPE, rotate-half layout; sin's first half negated) and write "
+        "k and v to rows `slots` of the caches [blocks, block_size, KV, D].");
   m.def("logprob_forward_bf16", &logprob_forward_bf16, py::arg("hidden"), py::arg("weight"), py::arg("bias"),
         py::arg("labels"), py::arg("inv_temp"), py::arg("ignore_index"), py::arg("logp"), py::arg("lse"),
         py::arg("entropy") = py::none(),

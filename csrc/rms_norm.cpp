@@ -67,6 +67,11 @@ void check_rows(const py::array& x, const f32_array& weight, int64_t& rows, int6
 
 }  // namespace
 
+void rms_norm_rows(FloatOrBf16 x, const float* weight, float eps, int64_t rows, int64_t d, void* y, bool y_bf16,
+                   float* rstd) {
+  forward_block(x, weight, eps, 0, rows, d, y, y_bf16, rstd);
+}
+
 void rms_norm_forward(py::array x, f32_array weight, float eps, py::array y, f32_out rstd) {
   int64_t rows, d;
   check_rows(x, weight, rows, d);

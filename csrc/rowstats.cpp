@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
+#include <vector>
 
 #include "vecmath.h"
 
@@ -147,4 +149,128 @@ i64_array sample_rows(f32_array logprobs, f32_array uniforms) {
     po[r] = pick >= 0 ? pick : last_positive;  // rounding left the target past the end: the last token with mass
   }
   return out;
+}
+
+namespace {
+
+constexpr int kBuckets = 2048;      // histogram of scaled logits d = (z - max) / T over [-kRange, 0]
+constexpr float kRange = 64.f;      // below it, e^-64 per token: the last bucket holds the rest
+constexpr int64_t kChunk = 256;
+
+inline int bucket_of(float d) {
+  const float b = -d * (kBuckets / kRange);
+  return b >= kBuckets - 1 ? kBuckets - 1 : int(b);
+}
+
+// The row's max, then d = (z - max) * inv_temp and e = exp(d) into scratch, with the raw and scaled sums.
+CAI_MULTIVERSION void scaled_exps(const float* z, int64_t n, float inv_temp, float m, float* d, float* e, float& raw,
+                                  float& scaled) {
+  float rs = 0.f, ss = 0.f;
+#pragma omp simd reduction(+ : rs, ss)
+  for (int64_t i = 0; i < n; ++i) {
+    rs += exp_nonpositive(z[i] - m);
+    d[i] = (z[i] - m) * inv_temp;
+    e[i] = exp_nonpositive(d[i]);
+    ss += e[i];
+  }
+  raw = rs;
+  scaled = ss;
+}
+
+CAI_MULTIVERSION float kept_sum(const float* d, const float* e, int64_t n, float t) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += d[i] >= t ? e[i] : 0.f;
+  return s;
+}
+
+// The nucleus threshold on d: keep every token with d >= t, the smallest set of most likely tokens whose mass
+// reaches top_p (ties at the cut kept). A histogram of d finds the bucket where the mass from the top crosses
+// top_p * total; only that bucket's tokens are sorted.
+float nucleus_threshold(const float* d, const float* e, int64_t n, float total, float top_p,
+                        std::vector<float>& mass, std::vector<std::pair<float, float>>& bucket) {
+  std::fill(mass.begin(), mass.end(), 0.f);
+  for (int64_t i = 0; i < n; ++i) mass[bucket_of(d[i])] += e[i];
+  const float target = top_p * total;
+  float above = 0.f;
+  int b = 0;
+  for (; b < kBuckets - 1 && above + mass[b] < target; ++b) above += mass[b];
+  bucket.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if (bucket_of(d[i]) == b) bucket.emplace_back(d[i], e[i]);
+  std::sort(bucket.begin(), bucket.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  for (const auto& [di, ei] : bucket) {
+    above += ei;
+    if (above >= target) return di;
+  }
+  return bucket.empty() ? 0.f : bucket.back().first;  // rounding left the target unreached: keep the bucket
+}
+
+}  // namespace
+
+void sample_nucleus(f32_array logits, f32_array inv_temp, f32_array top_p, f32_array uniforms, i64_array_out tokens,
+                    f32_out raw_logprob, f32_out processed_logprob) {
+  check_ndim(logits, 2, "logits");
+  const int64_t rows = logits.shape(0), n = logits.shape(1);
+  for (auto [a, name] : {std::pair<const py::array*, const char*>{&inv_temp, "inv_temp"}, {&top_p, "top_p"},
+                         {&uniforms, "uniforms"}, {&tokens, "tokens"}, {&raw_logprob, "raw_logprob"},
+                         {&processed_logprob, "processed_logprob"}}) {
+    check_ndim(*a, 1, name);
+    check_dim(*a, 0, rows, name);
+  }
+  if (n < 1) throw std::invalid_argument("logits: expected at least one column");
+  const float *pz = logits.data(), *pt = inv_temp.data(), *pp = top_p.data(), *pu = uniforms.data();
+  for (int64_t r = 0; r < rows; ++r)
+    if (!(pt[r] > 0.f) || !(pp[r] > 0.f && pp[r] <= 1.f))
+      throw std::invalid_argument("row " + std::to_string(r) + ": expected inv_temp > 0 and top_p in (0, 1]");
+  int64_t* pk = tokens.mutable_data();
+  float *praw = raw_logprob.mutable_data(), *pproc = processed_logprob.mutable_data();
+  py::gil_scoped_release nogil;
+#pragma omp parallel
+  {
+    std::vector<float> d(n), e(n), mass(kBuckets);
+    std::vector<std::pair<float, float>> bucket;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* z = pz + r * n;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < n; ++i) m = z[i] > m ? z[i] : m;
+      if (!std::isfinite(m)) {  // reported below, outside the threads
+        pk[r] = -1;
+        continue;
+      }
+      float raw = 0.f, total = 0.f;
+      scaled_exps(z, n, pt[r], m, d.data(), e.data(), raw, total);
+      const float t = pp[r] < 1.f ? nucleus_threshold(d.data(), e.data(), n, total, pp[r], mass, bucket)
+                                  : -std::numeric_limits<float>::infinity();
+      float kept = 0.f;  // the nucleus' mass, summed by chunks as the scan below sums it
+      for (int64_t c = 0; c < n; c += kChunk) kept += kept_sum(d.data() + c, e.data() + c, std::min(kChunk, n - c), t);
+      // invert the nucleus' CDF (vocabulary order) at u * kept: whole chunks first, then the token inside one
+      const float target = pu[r] * kept;
+      float run = 0.f;
+      int64_t pick = -1, last = -1;
+      for (int64_t c = 0; c < n && pick < 0; c += kChunk) {
+        const int64_t len = std::min(kChunk, n - c);
+        const float s = kept_sum(d.data() + c, e.data() + c, len, t);
+        if (s > 0.f)
+          for (int64_t i = c + len - 1; i >= c; --i)
+            if (d[i] >= t && e[i] > 0.f) { last = i; break; }
+        if (run + s <= target) {
+          run += s;
+          continue;
+        }
+        for (int64_t i = c; i < c + len; ++i)
+          if (d[i] >= t && e[i] > 0.f) {
+            run += e[i];
+            if (run > target) { pick = i; break; }
+          }
+      }
+      pick = pick >= 0 ? pick : last;  // rounding left the target past the end: the last kept token
+      pk[r] = pick;
+      praw[r] = (z[pick] - m) - std::log(raw);
+      pproc[r] = d[pick] - std::log(kept);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    if (pk[r] < 0) throw std::invalid_argument("logits row " + std::to_string(r) + ": no finite maximum (NaN or all -inf)");
 }

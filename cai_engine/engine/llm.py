@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .._native import BlockManager
+from ..ops.linear import linear
 from ..ops.paged_attention import PagedBatch
 from .kv_cache import PagedKVCache, blocks_for_budget
 from ..model.decoder import Transformer
-from .sampling import SamplingParams, process_logits, sample
+from .sampling import SamplingParams, draw
 from ..model.tokenizer import Tokenizer
 
 
@@ -308,20 +309,16 @@ class LLM:
         if not ready:
             return 0
         done = sorted({b for b, _ in ready})  # n > 1 samples share their parent's row
-        # the LM head runs in the engine's dtype (fp32 accumulation); everything from the logits on is fp32
+        # the LM head runs in the engine's dtype (fp32 accumulation, fp32 logits); everything from them on is fp32
         # and stays on the model's device: only the drawn tokens and their two log-probs come back
-        logits = (hidden[ends[done]] @ self.model.lm_head.T).float()
+        logits = linear(hidden[ends[done]], self.model.lm_head, out_dtype=torch.float32)
         if len(done) != len(ready):
             logits = logits[torch.tensor([done.index(b) for b, _ in ready], device=logits.device)]
-        raw_lse = logits.logsumexp(-1)
         seqs = [s for _, s in ready]
-        processed = process_logits(logits, [s.params for s in seqs],
+        tokens, raw, chosen = draw(logits, [s.params for s in seqs],
                                    [s.tokens if s.params.repetition_penalty != 1.0 else [] for s in seqs],
-                                   [s.out.token_ids for s in seqs], [self._banned(s) for s in seqs])
-        tokens = sample(processed, [s.generator for s in seqs])
-        rows, picked = torch.arange(len(seqs), device=logits.device), torch.tensor(tokens, device=logits.device)
-        raw = (logits[rows, picked] - raw_lse).tolist()
-        chosen = processed[rows, picked].tolist()
+                                   [s.out.token_ids for s in seqs], [self._banned(s) for s in seqs],
+                                   [s.generator for s in seqs])
         return sum(self._append(s, t, raw[i], chosen[i], running) for i, (s, t) in enumerate(zip(seqs, tokens)))
 
     def _fork_children(self, seq: _Seq, results, running) -> list[_Seq]:

@@ -104,10 +104,38 @@ def _top_p(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return z.masked_fill(probs < threshold.to(probs.device)[:, None], float("-inf"))
 
 
-def sample(logprobs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
-    """One draw per row of exp(logprobs) [N, V] by inverting its CDF with a single uniform from that row's
-    generator."""
+def draw(logits: torch.Tensor, params: list[SamplingParams], tokens: list[list[int]], outputs: list[list[int]],
+         banned: list[list[int]], generators: list[torch.Generator]) -> tuple[list[int], list[float], list[float]]:
+    """One token per row of fp32 logits [N, V] (arguments as process_logits', plus each row's generator), with its
+    log-prob under the raw logits and under the processed distribution it was drawn from.
+
+    Each row inverts its CDF (vocabulary order) at one uniform from its own generator, on every path. Rows that
+    use temperature and top-p only (the trainers' rollouts) are drawn natively on CPU in a few passes over each
+    row, never an [N, V] tensor; the rest go through process_logits."""
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float32) for g in generators])
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and all(
+            _nucleus_only(p) for p in params) and not any(banned):
+        from .. import _native
+        n = len(params)
+        picked, raw, chosen = torch.empty(n, dtype=torch.int64), torch.empty(n), torch.empty(n)
+        _native.sample_nucleus(logits.contiguous().numpy(), torch.tensor([1.0 / p.temperature for p in params]).numpy(),
+                               torch.tensor([p.top_p for p in params]).numpy(), u.numpy(), picked.numpy(),
+                               raw.numpy(), chosen.numpy())
+        return picked.tolist(), raw.tolist(), chosen.tolist()
+    processed = process_logits(logits, params, tokens, outputs, banned)
+    picked = sample(processed, u)
+    rows, index = torch.arange(len(params), device=logits.device), torch.tensor(picked, device=logits.device)
+    raw = (logits[rows, index] - logits.logsumexp(-1)).tolist()
+    return picked, raw, processed[rows, index].tolist()
+
+
+def _nucleus_only(p: SamplingParams) -> bool:
+    return (p.temperature > 0 and p.top_k == 0 and p.min_p == 0 and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty)
+
+
+def sample(logprobs: torch.Tensor, u: torch.Tensor) -> list[int]:
+    """One draw per row of exp(logprobs) [N, V] by inverting its CDF at u[row] (uniform in [0, 1))."""
     if logprobs.device.type == "cpu" and logprobs.dtype == torch.float32:
         # native: two vectorised passes, the second stopping where the mass passes u (no [N, V] exp or cumsum)
         from .. import _native

@@ -14,8 +14,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from ..ops.linear import gated_linear, linear, linears
 from ..ops.paged_attention import PagedBatch, paged_attention
 from ..ops.rms_norm import rms_norm
+from ..ops.rope import apply_rope, rope_store_
 from ..ops.swiglu import swiglu
 
 try:  # optional GPU extra
@@ -62,15 +64,10 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = roll(x, D/2) * [-sin_lo, sin_hi]."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
-
-
 @dataclass(slots=True)
 class AttentionInputs:
     """Per-forward attention context shared by every layer."""
-    cos: torch.Tensor                     # [B, T, head_dim]
+    cos: torch.Tensor                     # [B, T, head_dim] ([T, head_dim], float32, in the engine's step)
     sin: torch.Tensor                     # sin with its first half negated (see apply_rope)
     mask: torch.Tensor | None = None      # [B, 1, T, S]: bool (True = attend) or additive; None = causal
     varlen: tuple | None = None           # (token index, cu_seqlens, max_len) for flash-attn
@@ -109,8 +106,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: AttentionInputs) -> torch.Tensor:
-        if ctx.paged is not None:
-            return self._paged(x, ctx)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -126,17 +121,21 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _paged(self, x: torch.Tensor, ctx: AttentionInputs) -> torch.Tensor:
-        """x [1, T, d]: the new tokens of every sequence in the step, flattened; heads stay [T, heads, D]."""
+    def paged(self, x: torch.Tensor, ctx: AttentionInputs, norm: RMSNorm) -> torch.Tensor:
+        """The engine's step: x [1, T, d] (the residual stream) holds the new tokens of every sequence, flattened
+        (heads stay [T, heads, D]); returns x + attention(norm(x)), the norm made inside the q/k/v projections and
+        the sum inside the output projection."""
         T, paged = x.shape[1], ctx.paged
-        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(T, self.n_kv, self.head_dim)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        paged.cache.store(self.layer, paged.slots, k, v)
-        out = paged_attention(q, paged.cache.k[self.layer], paged.cache.v[self.layer], paged.block_tables,
-                              paged.context_lens, paged.query_lens, plan=paged.plan, new_kv=(k, v))
-        return self.o_proj(out.view(1, T, -1))
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = linears(x[0], [p.weight for p in projections], [p.bias for p in projections],
+                          norm=(norm.weight, norm.eps))
+        q, k = q.view(T, self.n_heads, self.head_dim), k.view(T, self.n_kv, self.head_dim)
+        v = v.view(T, self.n_kv, self.head_dim)
+        k_cache, v_cache = paged.cache.k[self.layer], paged.cache.v[self.layer]
+        q, k = rope_store_(q, k, v, ctx.cos, ctx.sin, k_cache, v_cache, paged.slots)
+        out = paged_attention(q, k_cache, v_cache, paged.block_tables, paged.context_lens, paged.query_lens,
+                              plan=paged.plan, new_kv=(k, v))
+        return linear(out.view(1, T, -1), self.o_proj.weight, residual=x)
 
     @staticmethod
     def _flash_varlen(q, k, v, varlen) -> torch.Tensor:
@@ -170,8 +169,18 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, ctx: AttentionInputs) -> torch.Tensor:
+        if ctx.paged is not None:
+            return self._paged(x, ctx)
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _paged(self, x: torch.Tensor, ctx: AttentionInputs) -> torch.Tensor:
+        """The engine's step (no autograd): the same layer with the norms, the residual adds and the SwiGLU inside
+        the projections (ops.linear: on AMX CPUs one bf16 kernel call each, rounding once)."""
+        x = self.self_attn.paged(x, ctx, norm=self.input_layernorm)
+        mlp, norm = self.mlp, self.post_attention_layernorm
+        h = gated_linear(x, mlp.gate_proj.weight, mlp.up_proj.weight, norm=(norm.weight, norm.eps))
+        return linear(h, mlp.down_proj.weight, residual=x)
 
 
 class Transformer(nn.Module):
@@ -230,9 +239,9 @@ class Transformer(nn.Module):
         elif position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0).expand(B, T)
         x = self.embed_tokens(input_ids)
-        if paged is not None:  # no mask to build; heads are laid out [T, heads, D] there: rotations [T, 1, D]
-            cos, sin = self._rotations(position_ids[0], compute_dtype(x))
-            ctx = AttentionInputs(cos=cos[:, None], sin=sin[:, None], paged=paged)
+        if paged is not None:  # no mask to build; the step rotates in fp32 as it writes the KV cache
+            cos, sin = self._rotations(position_ids[0], torch.float32)
+            ctx = AttentionInputs(cos=cos, sin=sin, paged=paged)
         else:
             ctx = self._attention_inputs(x, position_ids, attention_mask, segment_ids, attn_mask, cache)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None and paged is None
