@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -134,9 +135,12 @@ CAI_AMX inline void release_tiles() {
 // tile_2x2 below on CPUs without AMX: the same operands, VDPBF16PS on 16-float rows. TDPBF16PS computes
 // C[m][n] += sum_p A[m] pair p . B[p] pair n, so each pair p of A row m, broadcast, meets B pair row p:
 // 8 rows of C (16 zmm accumulators) at a time, B's pair rows re-read from L1 for each group of rows.
+constexpr int64_t kContiguous = INT64_MIN;  // the default a_next of the tile products: rows 16-31 follow rows 0-15
+
 template <int Halves>  // 2: C[32 x 32] as tile_2x2; 1: its left 16 columns, as tile_2x1
 CAI_AMX inline void vector_tiles(const void* a, int64_t lda, int64_t a_step, const void* b, int64_t b_next,
-                                 int64_t ldb, int64_t b_step, int64_t ksteps, float* c, int64_t ldc, bool accumulate) {
+                                 int64_t ldb, int64_t b_step, int64_t ksteps, float* c, int64_t ldc, bool accumulate,
+                                 int64_t a_next) {
   constexpr int kRows = 8;
   char* cp = reinterpret_cast<char*>(c);
   for (int m0 = 0; m0 < 32; m0 += kRows) {
@@ -144,7 +148,7 @@ CAI_AMX inline void vector_tiles(const void* a, int64_t lda, int64_t a_step, con
     for (int i = 0; i < kRows; ++i)
       for (int half = 0; half < Halves; ++half)
         acc[i][half] = accumulate ? _mm512_loadu_ps(cp + (m0 + i) * ldc + 64 * half) : _mm512_setzero_ps();
-    const char* ap = static_cast<const char*>(a) + m0 * lda;
+    const char* ap = static_cast<const char*>(a) + (m0 < 16 ? m0 * lda : a_next + (m0 - 16) * lda);
     const char* bp = static_cast<const char*>(b);
     for (int64_t k = 0; k < ksteps; ++k, ap += a_step, bp += b_step) {
       for (int pair = 0; pair < 16; ++pair) {
@@ -164,15 +168,17 @@ CAI_AMX inline void vector_tiles(const void* a, int64_t lda, int64_t a_step, con
   }
 }
 
-// C[32 x 32] (+)= A[32 x 32k] . B[32k x 32]: A rows at `a` with stride lda (bytes), next 32 columns at +a_step;
+// C[32 x 32] (+)= A[32 x 32k] . B[32k x 32]: A rows at `a` with stride lda (bytes), rows 16-31 at +a_next (default
+// 16 * lda: one 32-row matrix; two KV-cache blocks elsewhere), next 32 columns at +a_step;
 // B in pair-interleaved (VNNI) rows at `b` with stride ldb, its second 16 columns at +b_next, next 16 pair rows
 // at +b_step; C rows with stride ldc. All strides in bytes.
 // `prefetch` (optional): the next C block, requested while this one computes, since accumulators streamed
 // from L3 (the dh^T partials) would otherwise stall every tile load.
 CAI_AMX inline void tile_2x2(const void* a, int64_t lda, int64_t a_step, const void* b, int64_t b_next, int64_t ldb,
                              int64_t b_step, int64_t ksteps, float* c, int64_t ldc, bool accumulate,
-                             const float* prefetch = nullptr) {
-  if (!use_amx) return vector_tiles<2>(a, lda, a_step, b, b_next, ldb, b_step, ksteps, c, ldc, accumulate);
+                             const float* prefetch = nullptr, int64_t a_next = kContiguous) {
+  if (a_next == kContiguous) a_next = 16 * lda;
+  if (!use_amx) return vector_tiles<2>(a, lda, a_step, b, b_next, ldb, b_step, ksteps, c, ldc, accumulate, a_next);
   char* cp = reinterpret_cast<char*>(c);
   if (prefetch)
     for (int r = 0; r < 32; ++r) {
@@ -195,7 +201,7 @@ CAI_AMX inline void tile_2x2(const void* a, int64_t lda, int64_t a_step, const v
   const char* bp = static_cast<const char*>(b);
   for (int64_t k = 0; k < ksteps; ++k, ap += a_step, bp += b_step) {
     _tile_loadd(4, ap, lda);
-    _tile_loadd(5, ap + 16 * lda, lda);
+    _tile_loadd(5, ap + a_next, lda);
     _tile_loadd(6, bp, ldb);
     _tile_loadd(7, bp + b_next, ldb);
     _tile_dpbf16ps(0, 4, 6);
@@ -212,8 +218,9 @@ CAI_AMX inline void tile_2x2(const void* a, int64_t lda, int64_t a_step, const v
 // C[32 x 16] = A[32 x 32k] . B[32k x 16]: tile_2x2's left half, for the last 16 or fewer tokens of a call (a decode
 // step of one sequence computes half the products).
 CAI_AMX inline void tile_2x1(const void* a, int64_t lda, int64_t a_step, const void* b, int64_t b_next, int64_t ldb,
-                             int64_t b_step, int64_t ksteps, float* c, int64_t ldc) {
-  if (!use_amx) return vector_tiles<1>(a, lda, a_step, b, b_next, ldb, b_step, ksteps, c, ldc, false);
+                             int64_t b_step, int64_t ksteps, float* c, int64_t ldc, int64_t a_next = kContiguous) {
+  if (a_next == kContiguous) a_next = 16 * lda;
+  if (!use_amx) return vector_tiles<1>(a, lda, a_step, b, b_next, ldb, b_step, ksteps, c, ldc, false, a_next);
   char* cp = reinterpret_cast<char*>(c);
   _tile_zero(0);
   _tile_zero(2);
@@ -221,7 +228,7 @@ CAI_AMX inline void tile_2x1(const void* a, int64_t lda, int64_t a_step, const v
   const char* bp = static_cast<const char*>(b);
   for (int64_t k = 0; k < ksteps; ++k, ap += a_step, bp += b_step) {
     _tile_loadd(4, ap, lda);
-    _tile_loadd(5, ap + 16 * lda, lda);
+    _tile_loadd(5, ap + a_next, lda);
     _tile_loadd(6, bp, ldb);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(2, 5, 6);

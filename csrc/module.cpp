@@ -7,6 +7,7 @@
 #include "logprob_bf16.h"
 #include "paged_attention.h"
 #include "pm_loss.h"
+#include "prefix_attention.h"
 #include "rms_norm.h"
 #include "rope.h"
 #include "rowstats.h"
@@ -58,6 +59,15 @@ PYBIND11_MODULE(_native, m) {
         py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
         "Rotate q [T, H, D] and k [T, KV, D] in place (RoPE, rotate-half layout; sin's first half negated) and write "
         "k and v to rows `slots` of the caches [blocks, block_size, KV, D].");
+  m.def("prefix_attention", &prefix_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("prefix"), py::arg("scale"), py::arg("out"), py::arg("lse"),
+        "Cascade attention's shared part: every query row against the same prefix blocks of a bf16 cache (16-token "
+        "blocks), read in place; writes each row's normalised partial output and log-sum-exp (float32).");
+  m.def("paged_decode_bf16", &paged_decode_bf16, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("out"), py::arg("lse"),
+        py::arg("first_block") = 0,
+        "paged_decode for a bf16 cache of 16-token blocks and bf16 queries, scores on AMX tiles (or VDPBF16PS), "
+        "fp32 softmax and P V.");
   m.def("logprob_forward_bf16", &logprob_forward_bf16, py::arg("hidden"), py::arg("weight"), py::arg("bias"),
         py::arg("labels"), py::arg("inv_temp"), py::arg("ignore_index"), py::arg("logp"), py::arg("lse"),
         py::arg("entropy") = py::none(),

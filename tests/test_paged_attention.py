@@ -295,3 +295,107 @@ def test_prefill_chunks_past_a_shared_prefix_form_a_cascade(backend, monkeypatch
         q = torch.randn(sum(query_lens), 6, 16, generator=g)
         got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
         assert_dense(got, q, query_lens, keys, values, 0.25)
+
+
+# ---------------------------------------------------------------- the AMX tile kernels (bf16 cache, 16-token blocks)
+
+from cai_engine import _native  # noqa: E402
+from cai_engine.ops import linear as linear_mod  # noqa: E402
+from cai_engine.ops import paged_attention as paged_mod  # noqa: E402
+
+TILE_PATHS = [pytest.param("amx", marks=pytest.mark.skipif(not _native.amx_available(), reason="CPU lacks AMX-BF16")),
+              pytest.param("vectors", marks=pytest.mark.skipif(not _native.bf16_kernels_available(),
+                                                               reason="CPU lacks AVX512-BF16"))]
+
+
+@pytest.fixture(params=TILE_PATHS)
+def tiles(request, monkeypatch):
+    """The tile kernels on AMX, or on VDPBF16PS vectors (CAI_ENGINE_AMX=0); checks they were the ones called."""
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
+    monkeypatch.setenv("CAI_ENGINE_AMX", "0" if request.param == "vectors" else "1")
+    monkeypatch.setattr(linear_mod, "_tiles_preferred", lambda: True)
+    calls = []
+    for name in ("paged_decode_bf16", "prefix_attention"):
+        real = getattr(_native, name)
+        monkeypatch.setattr(_native, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    yield calls
+
+
+def dense_partial(q, k, v, scale):
+    """float64 (out, lse) of q [n, H, D] over keys k/v [L, n_kv, D] (no mask)."""
+    H, n_kv = q.shape[1], k.shape[1]
+    s = torch.einsum("qhd,khd->qhk", q.double(), k.double().repeat_interleave(H // n_kv, 1)) * scale
+    out = torch.einsum("qhk,khd->qhd", s.softmax(-1), v.double().repeat_interleave(H // n_kv, 1))
+    return out, s.logsumexp(-1)
+
+
+# Inputs are bf16-exact, scores exact fp32 products summed in fp32, softmax and P V in fp32: errors of a few fp32
+# roundings over up to 100 keys, 1e-5 on outputs of size ~1.
+TILE_TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,n_kv,head_dim", [(6, 2, 32), (16, 2, 64), (4, 4, 64)])
+@pytest.mark.parametrize("first_block", [0, 2])
+def test_tile_decode_matches_float64(tiles, heads, n_kv, head_dim, first_block):
+    lengths = [1, 15, 16, 17, 33, 100]
+    cache, tables, keys, values = fill_cache(lengths, 16, n_kv=n_kv, head_dim=head_dim, num_blocks=40,
+                                             dtype=torch.bfloat16)
+    q = torch.randn(len(lengths), heads, head_dim, generator=torch.Generator().manual_seed(7)).bfloat16()
+    out, lse = paged_mod.decode_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(lengths), 0.3,
+                                          first_block=first_block)
+    assert tiles == ["paged_decode_bf16"]
+    for b, n in enumerate(lengths):
+        first = first_block * 16
+        if n <= first:  # nothing past first_block: an empty partial
+            assert (out[b] == 0).all() and (lse[b] == float("-inf")).all()
+            continue
+        k, v = keys[b][first:].bfloat16(), values[b][first:].bfloat16()
+        ref_out, ref_lse = dense_partial(q[b:b + 1], k, v, 0.3)
+        torch.testing.assert_close(out[b:b + 1].double(), ref_out, **TILE_TOL)
+        torch.testing.assert_close(lse[b:b + 1].double(), ref_lse, **TILE_TOL)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("blocks", [1, 3, 4])
+def test_tile_prefix_partial_matches_float64(tiles, rows, blocks):
+    """Every query row against shared prefix blocks (odd counts leave a half-empty pair; 40 rows x 3 heads per KV
+    head fill four 32-row tasks, the last one partly)."""
+    cache, tables, keys, values = fill_cache([blocks * 16], 16, n_kv=2, head_dim=32, num_blocks=40,
+                                             dtype=torch.bfloat16, seed=9)
+    q = torch.randn(rows, 6, 32, generator=torch.Generator().manual_seed(8)).bfloat16()
+    out, lse = paged_mod._prefix_partial(q, cache.k[0], cache.v[0], tables[0, :blocks].long(), 0.2)
+    assert tiles == ["prefix_attention"]
+    ref_out, ref_lse = dense_partial(q, keys[0].bfloat16(), values[0].bfloat16(), 0.2)
+    torch.testing.assert_close(out.double(), ref_out, **TILE_TOL)
+    torch.testing.assert_close(lse.double(), ref_lse, **TILE_TOL)
+
+
+def test_tile_cascade_step_matches_dense(tiles):
+    """A whole engine-shaped step (decodes sharing a prefix, a prefill chunk past it) through both tile kernels."""
+    g = torch.Generator().manual_seed(10)
+    prefix = list(range(100, 170))                      # 70 tokens: 4 full 16-token blocks shared
+    prompts = [prefix + suffix for suffix in ([1, 2, 3], [4], list(range(7, 30)), [5, 6])]
+    cache, tables, lens, keys, values = prefix_cached_batch(prompts, g, bs=16, D=32, dtype=torch.bfloat16)
+    for query_lens in ([1, 1, 1, 1], [1, 1, 12, 2]):
+        q = torch.randn(sum(query_lens), 6, 32, generator=g).bfloat16()
+        got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
+        assert_dense(got, q, query_lens, keys, values, 32 ** -0.5, tolerance=BF16_TOLERANCE)
+    assert "prefix_attention" in tiles and "paged_decode_bf16" in tiles
+
+
+@pytest.mark.skipif(not _native.bf16_kernels_available(), reason="CPU lacks AVX512-BF16")
+def test_tile_kernels_name_bad_inputs():
+    i16 = lambda t: t.view(torch.int16).numpy()
+    q, cache = torch.zeros(2, 6, 32).bfloat16(), torch.zeros(4, 16, 2, 32).bfloat16()
+    out, lse = torch.empty(2, 6, 32), torch.empty(2, 6)
+    with pytest.raises(ValueError, match=r"prefix\[1\] = 4 is not a block of the cache"):
+        _native.prefix_attention(i16(q), i16(cache), i16(cache), torch.tensor([0, 4], dtype=torch.int32).numpy(),
+                                 1.0, out.numpy(), lse.numpy())
+    with pytest.raises(ValueError, match="k_cache: expected blocks of 16 tokens, got 8"):
+        small = torch.zeros(8, 8, 2, 32).bfloat16()
+        _native.prefix_attention(i16(q), i16(small), i16(small), torch.tensor([0], dtype=torch.int32).numpy(), 1.0,
+                                 out.numpy(), lse.numpy())
+    tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"context_lens\[1\] = 40 does not fit its block table of 2 blocks"):
+        _native.paged_decode_bf16(i16(q), i16(cache), i16(cache), tables.numpy(),
+                                  torch.tensor([5, 40], dtype=torch.int32).numpy(), 1.0, out.numpy(), lse.numpy())

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from dataclasses import dataclass, field
 
 from .backend import choose_backend
+from .linear import _tiles_preferred
 
 
 @dataclass(slots=True)
@@ -69,9 +70,16 @@ def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2:
 
 
 def _prefix_partial(q: torch.Tensor, k_cache, v_cache, prefix: torch.Tensor, scale: float):
-    """Every query of the batch, q [B, H, D], against the shared blocks `prefix`, one GEMM per KV head:
-    (out [B, H, D], lse [B, H]), float32."""
+    """Every query of the batch, q [B, H, D], against the shared blocks `prefix`: (out [B, H, D], lse [B, H]),
+    float32. Native on AMX CPUs for a bf16 cache of 16-token blocks (the blocks read in place, scores on tiles);
+    else one gathered fp32 GEMM per KV head."""
     (B, H, D), n_kv = q.shape, k_cache.shape[2]
+    if choose_backend(q) == "native" and _tiles_ok(q, k_cache, v_cache):
+        from .. import _native
+        out, lse = torch.empty(B, H, D), torch.empty(B, H)
+        _native.prefix_attention(_buffer(q.contiguous()), _buffer(k_cache), _buffer(v_cache),
+                                 prefix.to(torch.int32).numpy(), scale, out.numpy(), lse.numpy())
+        return out, lse
     G = H // n_kv
     # one gathered float32 copy each, viewed [n_kv, Lp, D] with strides BLAS takes as they are
     kp = k_cache.index_select(0, prefix).float().view(-1, n_kv, D).transpose(0, 1)
@@ -94,6 +102,13 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, fir
         o2, lse2 = decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, shared_blocks)
         return merge_partials(o1, lse1, o2, lse2), torch.logaddexp(lse1, lse2)
     backend = choose_backend(q)
+    if backend == "native" and _tiles_ok(q, k_cache, v_cache) and q.shape[1] // k_cache.shape[2] <= 32:
+        from .. import _native
+        out, lse = torch.empty(q.shape, dtype=torch.float32), torch.empty(q.shape[:2], dtype=torch.float32)
+        _native.paged_decode_bf16(_buffer(q.contiguous()), _buffer(k_cache), _buffer(v_cache),
+                                  block_tables.to(torch.int32).numpy(), context_lens.to(torch.int32).numpy(), scale,
+                                  out.numpy(), lse.numpy(), first_block)
+        return out, lse
     if backend == "native" and k_cache.dtype in (torch.float32, torch.bfloat16) and k_cache.is_contiguous():
         from .. import _native
         out = torch.empty(q.shape, dtype=torch.float32)
@@ -107,6 +122,13 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, fir
         return paged_decode(q, k_cache, v_cache, block_tables, context_lens.to(torch.int32), scale,
                             first_block=first_block, return_lse=True, out_dtype=torch.float32)
     return _decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, first_block)
+
+
+def _tiles_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the AMX attention kernels take these: bf16 queries and cache, 16-token blocks (one tile of keys),
+    head_dim a multiple of 32, on a CPU where the tile kernels are preferred."""
+    return (q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16 and k_cache.shape[1] == 16
+            and q.shape[-1] % 32 == 0 and k_cache.is_contiguous() and v_cache.is_contiguous() and _tiles_preferred())
 
 
 def _buffer(cache: torch.Tensor):

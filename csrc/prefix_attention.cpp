@@ -1,0 +1,264 @@
+// Cascade attention's shared part on CPU: every query row of a step against the same prefix blocks (a few-shot
+// prefix, or the prompt of n samples), each K/V row read once per 32 query rows instead of gathered, widened to
+// fp32 and multiplied by BLAS once per layer and step.
+//
+// Per (KV head, 32 query rows): scores S^T = K Q^T on AMX tiles (bf16 products are exact in fp32; a 16-row A tile
+// is one 16-token cache block read in place, the queries packed as the VNNI B operand), 32 keys at a time; in
+// that orientation a 16-float vector holds one key for 16 queries, so the online softmax (fp32: max, sum, LSE) is
+// lane-wise. The probabilities stay fp32 and meet V in fp32 FMAs (V widened from bf16 in registers), 4 query rows
+// x head_dim in registers at a time. Outputs: each row's normalised partial output and its log-sum-exp, to merge
+// with the sequence's own part.
+#include "prefix_attention.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "bf16_tiles.h"
+
+using namespace bf16_tiles;
+
+namespace {
+
+constexpr int64_t kQueries = 32;  // query rows per task: one 2 x 2 block of score tiles with 32 keys
+constexpr int64_t kBlock = 16;    // tokens per cache block this kernel takes (one A tile)
+
+CAI_AMX inline __m512 widen_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+struct Shapes {
+  int64_t R, H, D, KV, G, P;
+};
+
+// acc[r0 + r] = acc[r0 + r] * alpha + sum over the chunk's keys t of p[t][r0 + r] V[t], for Rows rows: Rows x 64
+// accumulators stay in registers (compile-time counts, so the compiler never spills them to the stack).
+template <int Rows>
+CAI_AMX inline void probabilities_times_v(const float* scores, const float* alphas, const uint16_t* v,
+                                          const int32_t* blocks, int64_t keys, int64_t h, const Shapes& s, int64_t r0,
+                                          float* acc) {
+  const int64_t D = s.D, kv_row = s.KV * s.D, block_elems = kBlock * kv_row;
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int nd = D - d0 >= 64 ? 4 : int((D - d0) / 16);  // head_dim is a multiple of 32: 4 or 2
+    __m512 a[Rows][4];
+    for (int r = 0; r < Rows; ++r) {
+      const __m512 alpha = _mm512_set1_ps(alphas[r0 + r]);
+      for (int c = 0; c < 4; ++c)
+        a[r][c] = c < nd ? _mm512_mul_ps(_mm512_loadu_ps(acc + (r0 + r) * D + d0 + 16 * c), alpha) : _mm512_setzero_ps();
+    }
+    for (int64_t t = 0; t < keys; ++t) {
+      const uint16_t* vt = v + blocks[t / kBlock] * block_elems + (t % kBlock) * kv_row + h * D + d0;
+      __m512 vv[4];
+      for (int c = 0; c < 4; ++c) vv[c] = c < nd ? widen_bf16(vt + 16 * c) : _mm512_setzero_ps();
+      for (int r = 0; r < Rows; ++r) {
+        const __m512 p = _mm512_set1_ps(scores[t * kQueries + r0 + r]);
+        for (int c = 0; c < 4; ++c) a[r][c] = _mm512_fmadd_ps(p, vv[c], a[r][c]);
+      }
+    }
+    for (int r = 0; r < Rows; ++r)
+      for (int c = 0; c < nd; ++c) _mm512_storeu_ps(acc + (r0 + r) * D + d0 + 16 * c, a[r][c]);
+  }
+}
+
+// One task: KV head h, query rows [i0, i0 + n) of the head's R * G rows (row i = sequence i / G, head h * G + i % G)
+// against the first `keys` tokens of `blocks`. n <= 16 (a decoding sequence's G heads) computes half the tiles.
+CAI_AMX void task(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* blocks, int64_t n_keys,
+                  const Shapes& s, float scale, int64_t h, int64_t i0, int64_t n, float* out, float* lse,
+                  float* scores, uint16_t* packed, float* acc) {
+  const int64_t D = s.D, KV = s.KV, G = s.G, kv_row = KV * D;
+  // the rows as the VNNI B operand ([2][D / 2][16] pairs); rows past n keep whatever finite values a previous task
+  // left (zeros at first): their score lanes are never read
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = i0 + j;
+    const uint16_t* row = q + ((i / G) * s.H + h * G + i % G) * D;
+    uint16_t* dst = packed + (j / 16) * D * 16 + (j % 16) * 2;
+    for (int64_t c = 0; c < D; c += 2) {
+      dst[c * 16] = row[c];
+      dst[c * 16 + 1] = row[c + 1];
+    }
+  }
+  std::fill(acc, acc + n * D, 0.f);
+  __m512 m[2], l[2];
+  for (int half = 0; half < 2; ++half) {
+    m[half] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    l[half] = _mm512_setzero_ps();
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  const int64_t block_elems = kBlock * kv_row;
+  const int halves = n > 16 ? 2 : 1;
+  for (int64_t b = 0; b * kBlock < n_keys; b += 2) {
+    const int64_t keys = std::min<int64_t>(2 * kBlock, n_keys - b * kBlock);
+    const uint16_t* k0 = k + blocks[b] * block_elems + h * D;
+    const uint16_t* k1 = keys > kBlock ? k + blocks[b + 1] * block_elems + h * D : k0;  // past the end: masked
+    if (halves == 2)
+      tile_2x2(k0, kv_row * 2, 64, packed, D * 32, 64, 1024, D / 32, scores, kQueries * 4, false, nullptr,
+               (k1 - k0) * 2);
+    else
+      tile_2x1(k0, kv_row * 2, 64, packed, D * 32, 64, 1024, D / 32, scores, kQueries * 4, (k1 - k0) * 2);
+    // online softmax, 16 queries per vector; scores become probabilities (relative to the new max) in place
+    __m512 alpha[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int half = 0; half < halves; ++half) {
+      float* col = scores + 16 * half;
+      __m512 cm = m[half];
+      for (int64_t t = 0; t < keys; ++t) cm = _mm512_max_ps(cm, _mm512_mul_ps(_mm512_loadu_ps(col + t * kQueries), sc));
+      alpha[half] = exp_nonpositive16(_mm512_sub_ps(m[half], cm));  // first block: exp(-inf) = 0
+      __m512 sum = _mm512_mul_ps(l[half], alpha[half]);
+      for (int64_t t = 0; t < keys; ++t) {
+        const __m512 p = exp_nonpositive16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(col + t * kQueries), sc), cm));
+        _mm512_storeu_ps(col + t * kQueries, p);
+        sum = _mm512_add_ps(sum, p);
+      }
+      m[half] = cm;
+      l[half] = sum;
+    }
+    float alphas[kQueries];
+    _mm512_storeu_ps(alphas, alpha[0]);
+    _mm512_storeu_ps(alphas + 16, alpha[1]);
+    // acc[row] = acc[row] * alpha + sum_t p[t][row] V[t], four rows x 64 dims in registers at a time
+    int64_t r0 = 0;
+    for (; r0 + 4 <= n; r0 += 4) probabilities_times_v<4>(scores, alphas, v, blocks + b, keys, h, s, r0, acc);
+    for (; r0 < n; ++r0) probabilities_times_v<1>(scores, alphas, v, blocks + b, keys, h, s, r0, acc);
+  }
+  float ms[kQueries], ls[kQueries];
+  _mm512_storeu_ps(ms, m[0]);
+  _mm512_storeu_ps(ms + 16, m[1]);
+  _mm512_storeu_ps(ls, l[0]);
+  _mm512_storeu_ps(ls + 16, l[1]);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = i0 + j, head = (i / G) * s.H + h * G + i % G;
+    const float inv = ls[j] > 0.f ? 1.f / ls[j] : 0.f;
+    for (int64_t d = 0; d < D; ++d) out[head * D + d] = acc[j * D + d] * inv;
+    lse[head] = ls[j] > 0.f ? ms[j] + std::log(ls[j]) : -std::numeric_limits<float>::infinity();
+  }
+}
+
+CAI_AMX void run(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* prefix, const Shapes& s,
+                 float scale, float* out, float* lse) {
+  const int64_t per_head = (s.R * s.G + kQueries - 1) / kQueries, tasks = s.KV * per_head;
+#pragma omp parallel if (tasks > 1)
+  {
+    configure_tiles();
+    auto scores = zeroed<float>(2 * kBlock * kQueries);
+    auto packed = zeroed<uint16_t>(kQueries * s.D);
+    auto acc = zeroed<float>(kQueries * s.D);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t h = t / per_head, i0 = (t % per_head) * kQueries;
+      task(q, k, v, prefix, s.P * kBlock, s, scale, h, i0, std::min(kQueries, s.R * s.G - i0), out, lse, scores.get(),
+           packed.get(), acc.get());
+    }
+    release_tiles();
+  }
+}
+
+const uint16_t* bf16_data(const py::array& a, const char* name) {
+  if (a.itemsize() != 2 || a.dtype().kind() == 'f')
+    throw std::invalid_argument(std::string(name) + ": expected bfloat16 (as 16-bit integers), got dtype " +
+                                std::string(py::str(a.dtype())));
+  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(name) + ": must be contiguous");
+  return static_cast<const uint16_t*>(a.data());
+}
+
+}  // namespace
+
+void prefix_attention(py::array q, py::array k_cache, py::array v_cache, i32_array prefix, float scale, f32_out out,
+                      f32_out lse) {
+  require_kernels();
+  check_ndim(q, 3, "q");
+  check_ndim(k_cache, 4, "k_cache");
+  check_ndim(prefix, 1, "prefix");
+  Shapes s{q.shape(0), q.shape(1), q.shape(2), k_cache.shape(2), 0, prefix.shape(0)};
+  if (k_cache.shape(1) != kBlock)
+    throw std::invalid_argument("k_cache: expected blocks of " + std::to_string(kBlock) + " tokens, got " +
+                                std::to_string(k_cache.shape(1)));
+  if (s.D % 32) throw std::invalid_argument("q: head_dim must be a multiple of 32, got " + std::to_string(s.D));
+  if (s.H % s.KV) throw std::invalid_argument("q heads must be a multiple of the cache's KV heads");
+  s.G = s.H / s.KV;
+  check_dim(k_cache, 3, s.D, "k_cache");
+  for (int axis = 0; axis < 4; ++axis) check_dim(v_cache, axis, k_cache.shape(axis), "v_cache");
+  for (int axis = 0; axis < 3; ++axis) check_dim(out, axis, q.shape(axis), "out");
+  check_ndim(lse, 2, "lse");
+  check_dim(lse, 0, s.R, "lse");
+  check_dim(lse, 1, s.H, "lse");
+  const int32_t* pp = prefix.data();
+  for (int64_t i = 0; i < s.P; ++i)
+    if (pp[i] < 0 || pp[i] >= k_cache.shape(0))
+      throw std::invalid_argument("prefix[" + std::to_string(i) + "] = " + std::to_string(pp[i]) +
+                                  " is not a block of the cache");
+  const uint16_t *qp = bf16_data(q, "q"), *kp = bf16_data(k_cache, "k_cache"), *vp = bf16_data(v_cache, "v_cache");
+  float *op = out.mutable_data(), *lp = lse.mutable_data();
+  py::gil_scoped_release nogil;
+  if (s.R > 0 && s.P > 0) run(qp, kp, vp, pp, s, scale, op, lp);
+}
+
+namespace {
+
+CAI_AMX void run_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* tables,
+                        const int32_t* lens, int64_t W, int64_t first_block, const Shapes& s, float scale, float* out,
+                        float* lse) {
+  const int64_t tasks = s.R * s.KV;
+#pragma omp parallel if (tasks > 1)
+  {
+    configure_tiles();
+    auto scores = zeroed<float>(2 * kBlock * kQueries);
+    auto packed = zeroed<uint16_t>(kQueries * s.D);
+    auto acc = zeroed<float>(kQueries * s.D);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t b = t / s.KV, h = t % s.KV, n_keys = lens[b] - first_block * kBlock;
+      if (n_keys <= 0) {  // no key past first_block: an empty partial (0, -inf)
+        for (int64_t g = 0; g < s.G; ++g) {
+          const int64_t head = b * s.H + h * s.G + g;
+          std::fill(out + head * s.D, out + (head + 1) * s.D, 0.f);
+          lse[head] = -std::numeric_limits<float>::infinity();
+        }
+        continue;
+      }
+      task(q, k, v, tables + b * W + first_block, n_keys, s, scale, h, b * s.G, s.G, out, lse, scores.get(),
+           packed.get(), acc.get());
+    }
+    release_tiles();
+  }
+}
+
+}  // namespace
+
+void paged_decode_bf16(py::array q, py::array k_cache, py::array v_cache, i32_array block_tables,
+                       i32_array context_lens, float scale, f32_out out, f32_out lse, int64_t first_block) {
+  require_kernels();
+  check_ndim(q, 3, "q");
+  check_ndim(k_cache, 4, "k_cache");
+  check_ndim(block_tables, 2, "block_tables");
+  Shapes s{q.shape(0), q.shape(1), q.shape(2), k_cache.shape(2), 0, 0};
+  if (k_cache.shape(1) != kBlock)
+    throw std::invalid_argument("k_cache: expected blocks of " + std::to_string(kBlock) + " tokens, got " +
+                                std::to_string(k_cache.shape(1)));
+  if (s.D % 32) throw std::invalid_argument("q: head_dim must be a multiple of 32, got " + std::to_string(s.D));
+  if (s.H % s.KV || s.H / s.KV > kQueries)
+    throw std::invalid_argument("q heads must be a multiple of the cache's KV heads, at most 32 per KV head");
+  s.G = s.H / s.KV;
+  check_dim(k_cache, 3, s.D, "k_cache");
+  for (int axis = 0; axis < 4; ++axis) check_dim(v_cache, axis, k_cache.shape(axis), "v_cache");
+  for (int axis = 0; axis < 3; ++axis) check_dim(out, axis, q.shape(axis), "out");
+  check_ndim(lse, 2, "lse");
+  check_dim(lse, 0, s.R, "lse");
+  check_dim(lse, 1, s.H, "lse");
+  check_dim(block_tables, 0, s.R, "block_tables");
+  check_dim(context_lens, 0, s.R, "context_lens");
+  if (first_block < 0) throw std::invalid_argument("first_block must be >= 0");
+  const int64_t W = block_tables.shape(1), NB = k_cache.shape(0);
+  const int32_t *tab = block_tables.data(), *lens = context_lens.data();
+  for (int64_t b = 0; b < s.R; ++b) {
+    if (lens[b] < 1 || (lens[b] + kBlock - 1) / kBlock > W)
+      throw std::invalid_argument("context_lens[" + std::to_string(b) + "] = " + std::to_string(lens[b]) +
+                                  " does not fit its block table of " + std::to_string(W) + " blocks");
+    for (int64_t i = first_block; i < (lens[b] + kBlock - 1) / kBlock; ++i)
+      if (tab[b * W + i] < 0 || tab[b * W + i] >= NB)
+        throw std::invalid_argument("block_tables[" + std::to_string(b) + "][" + std::to_string(i) +
+                                    "] is not a block of the cache");
+  }
+  const uint16_t *qp = bf16_data(q, "q"), *kp = bf16_data(k_cache, "k_cache"), *vp = bf16_data(v_cache, "v_cache");
+  float *op = out.mutable_data(), *lp = lse.mutable_data();
+  py::gil_scoped_release nogil;
+  if (s.R > 0) run_decode(qp, kp, vp, tab, lens, W, first_block, s, scale, op, lp);
+}

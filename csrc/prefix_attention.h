@@ -1,0 +1,12 @@
+#pragma once
+#include "paged_attention.h"
+
+// Every query row q [R, H, D] (bfloat16 bits) against the shared prefix blocks `prefix` [P] of the caches
+// [blocks, 16, KV, D] (bfloat16 bits): out [R, H, D] the normalised partial output, lse [R, H] its log-sum-exp
+// (float32), ready to merge with each row's own keys. AMX (or VDPBF16PS) scores, fp32 softmax and P V.
+void prefix_attention(py::array q, py::array k_cache, py::array v_cache, i32_array prefix, float scale, f32_out out,
+                      f32_out lse);
+// The paged decode (one query per sequence, q [B, H, D] bf16 bits, over its blocks from first_block on) with the
+// same tiles: out [B, H, D] and lse [B, H] float32, as paged_decode gives them.
+void paged_decode_bf16(py::array q, py::array k_cache, py::array v_cache, i32_array block_tables,
+                       i32_array context_lens, float scale, f32_out out, f32_out lse, int64_t first_block);
