@@ -10,7 +10,7 @@ Workloads: batch 1 greedy (64 new tokens); batch 8 and 32 sampled (T=1, top-p 0.
 
 Each workload also gets its GEMM floor: the time of every weight GEMM of the steps our engine ran for it
 (the projections at each step's token count, the LM head at each step's sequence count), measured
-alone at the same dtype, and our time as a multiple of that floor.
+alone at the same dtype with the faster of torch's GEMM and our linear op, and our time as a multiple of it.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from common import machine_line, median_times  # noqa: E402
 
 from cai_engine import DEFAULT_MODEL, LLM, SamplingParams, load_model  # noqa: E402
 from cai_engine.model.loading import embedded_model_path  # noqa: E402
+from cai_engine.ops.linear import linear  # noqa: E402
 
 
 def workloads(tok, vocab: int, gpu: bool):
@@ -62,15 +63,18 @@ def hf_generate(hf, prompts, kw, device):
 
 
 def gemm_time(weights: list[torch.Tensor], rows: int, device, repeats: int = 3) -> float:
-    """Seconds for `rows` input rows through every weight in `weights` (one GEMM each), nothing else."""
+    """Seconds for `rows` input rows through every weight in `weights` (one GEMM each), nothing else: the faster
+    of torch's GEMM (oneDNN / cuBLAS) and our engine's linear op (the AMX tile kernel at decode row counts)."""
     inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device=device, dtype=w.dtype) for w in weights}
 
-    def run():
-        with torch.no_grad():
-            for w in weights:
-                torch.nn.functional.linear(inputs[w.shape[1]], w)
+    def run(op):
+        def go():
+            with torch.no_grad():
+                for w in weights:
+                    op(inputs[w.shape[1]], w)
+        return go
 
-    return median_times({"gemm": run}, repeats, device)["gemm"]
+    return min(median_times({"torch": run(torch.nn.functional.linear), "ours": run(linear)}, repeats, device).values())
 
 
 def step_shapes(llm, prompts, params) -> list[tuple[int, int]]:

@@ -218,12 +218,18 @@ CAI_AMX inline void tile_2x2(const void* a, int64_t lda, int64_t a_step, const v
 // C[32 x 16] = A[32 x 32k] . B[32k x 16]: tile_2x2's left half, for the last 16 or fewer tokens of a call (a decode
 // step of one sequence computes half the products).
 CAI_AMX inline void tile_2x1(const void* a, int64_t lda, int64_t a_step, const void* b, int64_t b_next, int64_t ldb,
-                             int64_t b_step, int64_t ksteps, float* c, int64_t ldc, int64_t a_next = kContiguous) {
+                             int64_t b_step, int64_t ksteps, float* c, int64_t ldc, int64_t a_next = kContiguous,
+                             bool accumulate = false) {
   if (a_next == kContiguous) a_next = 16 * lda;
-  if (!use_amx) return vector_tiles<1>(a, lda, a_step, b, b_next, ldb, b_step, ksteps, c, ldc, false, a_next);
+  if (!use_amx) return vector_tiles<1>(a, lda, a_step, b, b_next, ldb, b_step, ksteps, c, ldc, accumulate, a_next);
   char* cp = reinterpret_cast<char*>(c);
-  _tile_zero(0);
-  _tile_zero(2);
+  if (accumulate) {
+    _tile_loadd(0, cp, ldc);
+    _tile_loadd(2, cp + 16 * ldc, ldc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(2);
+  }
   const char* ap = static_cast<const char*>(a);
   const char* bp = static_cast<const char*>(b);
   for (int64_t k = 0; k < ksteps; ++k, ap += a_step, bp += b_step) {

@@ -31,10 +31,59 @@ struct Shapes {
   int64_t R, H, D, KV, G, P;
 };
 
-// acc[r0 + r] = acc[r0 + r] * alpha + sum over the chunk's keys t of p[t][r0 + r] V[t], for Rows rows: Rows x 64
-// accumulators stay in registers (compile-time counts, so the compiler never spills them to the stack).
+// acc = acc * alpha + P V for the chunk's keys, on tiles: P (fp32, [keys, queries] in `scores`) split into bf16
+// hi + lo parts (P = hi + lo to 2^-17 relative: the products keep fp32-grade probabilities), as the A operand
+// [32 queries, 32 keys]; V's keys paired (VNNI) as the B operand, 16 dims per tile.
+CAI_AMX void probabilities_times_v(float* scores, const __m512* alpha, int halves, int64_t keys, const uint16_t* v,
+                                   const int32_t* blocks, int64_t h, const Shapes& s, int64_t n, float* acc,
+                                   uint16_t* p_split, uint32_t* v_pairs) {
+  const int64_t D = s.D, kv_row = s.KV * s.D, block_elems = kBlock * kv_row;
+  for (int64_t t = keys; t < 2 * kBlock; ++t)  // keys past the end weigh nothing
+    std::memset(scores + t * kQueries, 0, kQueries * sizeof(float));
+  // rescale the running outputs, one query row at a time
+  float alphas[kQueries];
+  _mm512_storeu_ps(alphas, alpha[0]);
+  _mm512_storeu_ps(alphas + 16, alpha[1]);
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512 a = _mm512_set1_ps(alphas[j]);
+    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(acc + j * D + d, _mm512_mul_ps(a, _mm512_loadu_ps(acc + j * D + d)));
+  }
+  // P rows (a query's 32 keys) gathered down the score columns, split hi / lo: [2][32 rows][32 keys] bf16
+  const __m512i down = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(int(kQueries)));
+  const int64_t rows = 16 * halves;
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t t0 = 0; t0 < 2 * kBlock; t0 += 16) {
+      const __m512 p = _mm512_i32gather_ps(down, scores + t0 * kQueries + j, 4);
+      const __m256bh hi = _mm512_cvtneps_pbh(p);
+      const __m512 hi_f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hi), 16));
+      const __m256bh lo = _mm512_cvtneps_pbh(_mm512_sub_ps(p, hi_f));
+      _mm256_storeu_si256((__m256i*)(p_split + j * 32 + t0), (__m256i)hi);
+      _mm256_storeu_si256((__m256i*)(p_split + kQueries * 32 + j * 32 + t0), (__m256i)lo);
+    }
+  // V's 32 keys as 16 key pairs per row, 16 dims per tile: v_pairs[D / 16][16 pairs][16 dims] (32-bit pairs)
+  auto row = [&](int64_t t) {  // past the end: any finite row (its weight is 0)
+    return t < keys ? v + blocks[t / kBlock] * block_elems + (t % kBlock) * kv_row + h * D : v + blocks[0] * block_elems;
+  };
+  for (int64_t pair = 0; pair < kBlock; ++pair) {
+    const uint16_t *v0 = row(2 * pair), *v1 = row(2 * pair + 1);
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(v0 + d)));
+      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(v1 + d)));
+      _mm512_storeu_si512(v_pairs + (d / 16) * 256 + pair * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+  for (int part = 0; part < 2; ++part)
+    for (int64_t d = 0; d < D; d += 16)
+      tile_2x1(p_split + part * kQueries * 32, 64, 64, v_pairs + (d / 16) * 256, 0, 64, 1024, 1, acc + d, D * 4,
+               kContiguous, true);
+}
+
+// The same for a decoding sequence's few query rows, in fp32 FMAs: acc[r0 + r] = acc[r0 + r] * alpha + sum over the
+// chunk's keys t of p[t][r0 + r] V[t], for Rows rows: Rows x 64 accumulators stay in registers (compile-time
+// counts, so the compiler never spills them to the stack). Cheaper than tiles of 32 rows when 4 or fewer are real.
 template <int Rows>
-CAI_AMX inline void probabilities_times_v(const float* scores, const float* alphas, const uint16_t* v,
+CAI_AMX inline void few_rows_times_v(const float* scores, const float* alphas, const uint16_t* v,
                                           const int32_t* blocks, int64_t keys, int64_t h, const Shapes& s, int64_t r0,
                                           float* acc) {
   const int64_t D = s.D, kv_row = s.KV * s.D, block_elems = kBlock * kv_row;
@@ -64,7 +113,7 @@ CAI_AMX inline void probabilities_times_v(const float* scores, const float* alph
 // against the first `keys` tokens of `blocks`. n <= 16 (a decoding sequence's G heads) computes half the tiles.
 CAI_AMX void task(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* blocks, int64_t n_keys,
                   const Shapes& s, float scale, int64_t h, int64_t i0, int64_t n, float* out, float* lse,
-                  float* scores, uint16_t* packed, float* acc) {
+                  float* scores, uint16_t* packed, float* acc, uint16_t* p_split, uint32_t* v_pairs) {
   const int64_t D = s.D, KV = s.KV, G = s.G, kv_row = KV * D;
   // the rows as the VNNI B operand ([2][D / 2][16] pairs); rows past n keep whatever finite values a previous task
   // left (zeros at first): their score lanes are never read
@@ -111,13 +160,18 @@ CAI_AMX void task(const uint16_t* q, const uint16_t* k, const uint16_t* v, const
       m[half] = cm;
       l[half] = sum;
     }
+    if (n > 4) {
+      probabilities_times_v(scores, alpha, halves, keys, v, blocks + b, h, s, n, acc, p_split, v_pairs);
+      continue;
+    }
     float alphas[kQueries];
     _mm512_storeu_ps(alphas, alpha[0]);
-    _mm512_storeu_ps(alphas + 16, alpha[1]);
-    // acc[row] = acc[row] * alpha + sum_t p[t][row] V[t], four rows x 64 dims in registers at a time
-    int64_t r0 = 0;
-    for (; r0 + 4 <= n; r0 += 4) probabilities_times_v<4>(scores, alphas, v, blocks + b, keys, h, s, r0, acc);
-    for (; r0 < n; ++r0) probabilities_times_v<1>(scores, alphas, v, blocks + b, keys, h, s, r0, acc);
+    switch (n) {  // every row at once: V read once per key
+      case 4: few_rows_times_v<4>(scores, alphas, v, blocks + b, keys, h, s, 0, acc); break;
+      case 3: few_rows_times_v<3>(scores, alphas, v, blocks + b, keys, h, s, 0, acc); break;
+      case 2: few_rows_times_v<2>(scores, alphas, v, blocks + b, keys, h, s, 0, acc); break;
+      default: few_rows_times_v<1>(scores, alphas, v, blocks + b, keys, h, s, 0, acc);
+    }
   }
   float ms[kQueries], ls[kQueries];
   _mm512_storeu_ps(ms, m[0]);
@@ -141,11 +195,13 @@ CAI_AMX void run(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
     auto scores = zeroed<float>(2 * kBlock * kQueries);
     auto packed = zeroed<uint16_t>(kQueries * s.D);
     auto acc = zeroed<float>(kQueries * s.D);
+    auto p_split = zeroed<uint16_t>(2 * kQueries * 2 * kBlock);
+    auto v_pairs = zeroed<uint32_t>(kBlock * s.D);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t h = t / per_head, i0 = (t % per_head) * kQueries;
       task(q, k, v, prefix, s.P * kBlock, s, scale, h, i0, std::min(kQueries, s.R * s.G - i0), out, lse, scores.get(),
-           packed.get(), acc.get());
+           packed.get(), acc.get(), p_split.get(), v_pairs.get());
     }
     release_tiles();
   }
@@ -203,6 +259,8 @@ CAI_AMX void run_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v,
     auto scores = zeroed<float>(2 * kBlock * kQueries);
     auto packed = zeroed<uint16_t>(kQueries * s.D);
     auto acc = zeroed<float>(kQueries * s.D);
+    auto p_split = zeroed<uint16_t>(2 * kQueries * 2 * kBlock);
+    auto v_pairs = zeroed<uint32_t>(kBlock * s.D);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t b = t / s.KV, h = t % s.KV, n_keys = lens[b] - first_block * kBlock;
@@ -215,7 +273,7 @@ CAI_AMX void run_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v,
         continue;
       }
       task(q, k, v, tables + b * W + first_block, n_keys, s, scale, h, b * s.G, s.G, out, lse, scores.get(),
-           packed.get(), acc.get());
+           packed.get(), acc.get(), p_split.get(), v_pairs.get());
     }
     release_tiles();
   }
