@@ -122,12 +122,12 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def paged(self, x: torch.Tensor, ctx: AttentionInputs, norm: RMSNorm) -> torch.Tensor:
-        """The engine's step: x [1, T, d] (the residual stream) holds the new tokens of every sequence, flattened
+        """The engine's step: x [T, d] (the residual stream) holds the new tokens of every sequence, flattened
         (heads stay [T, heads, D]); returns x + attention(norm(x)), the norm made inside the q/k/v projections and
         the sum inside the output projection."""
-        T, paged = x.shape[1], ctx.paged
+        T, paged = x.shape[0], ctx.paged
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = linears(x[0], [p.weight for p in projections], [p.bias for p in projections],
+        q, k, v = linears(x, [p.weight for p in projections], [p.bias for p in projections],
                           norm=(norm.weight, norm.eps))
         q, k = q.view(T, self.n_heads, self.head_dim), k.view(T, self.n_kv, self.head_dim)
         v = v.view(T, self.n_kv, self.head_dim)
@@ -135,7 +135,7 @@ class Attention(nn.Module):
         q, k = rope_store_(q, k, v, ctx.cos, ctx.sin, k_cache, v_cache, paged.slots)
         out = paged_attention(q, k_cache, v_cache, paged.block_tables, paged.context_lens, paged.query_lens,
                               plan=paged.plan, new_kv=(k, v))
-        return linear(out.view(1, T, -1), self.o_proj.weight, residual=x)
+        return linear(out.view(T, -1), self.o_proj.weight, residual=x)
 
     @staticmethod
     def _flash_varlen(q, k, v, varlen) -> torch.Tensor:
@@ -242,6 +242,7 @@ class Transformer(nn.Module):
         if paged is not None:  # no mask to build; the step rotates in fp32 as it writes the KV cache
             cos, sin = self._rotations(position_ids[0], torch.float32)
             ctx = AttentionInputs(cos=cos, sin=sin, paged=paged)
+            x = x[0]  # the layers take the step's flattened [T, d] rows
         else:
             ctx = self._attention_inputs(x, position_ids, attention_mask, segment_ids, attn_mask, cache)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None and paged is None
@@ -250,7 +251,7 @@ class Transformer(nn.Module):
             x = checkpoint(layer, x, ctx, use_reentrant=False, preserve_rng_state=False) if recompute else layer(x, ctx)
         if cache is not None:
             cache.length += T
-        x = self.norm(x)
+        x = self.norm(x if paged is None else x[None])
         return x[0] if squeeze else x
 
     def logits(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:

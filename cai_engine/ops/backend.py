@@ -29,7 +29,8 @@ def as_numpy(t: torch.Tensor):
 def as_buffer(t: torch.Tensor):
     """Zero-copy numpy view for kernels that take float32 or bfloat16: bf16 as its int16 bit patterns (numpy has
     no bfloat16; the kernels reinterpret the bits)."""
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 

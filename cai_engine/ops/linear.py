@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import as_buffer, as_numpy, choose_backend, needs_autograd
+from .backend import as_buffer, choose_backend, needs_autograd
 from .rms_norm import rms_norm
 from .swiglu import swiglu
 
@@ -35,19 +35,23 @@ def _tiles_preferred() -> bool:
 
 
 def _native_ok(x: Tensor, weights: list[Tensor]) -> bool:
-    return (x.dtype == torch.bfloat16 and x.shape[-1] % TILE_K == 0 and x.numel() <= MAX_ROWS * x.shape[-1]
-            and choose_backend(x) == "native"
+    return (x.dtype == torch.bfloat16 and _tiles_preferred() and x.shape[-1] % TILE_K == 0
+            and x.numel() <= MAX_ROWS * x.shape[-1] and choose_backend(x) == "native"
             and all(w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights)
-            and not needs_autograd(x, *weights) and _tiles_preferred())
+            and not needs_autograd(x, *weights))
 
 
 def _rows(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1]).contiguous()
+    return x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _shaped(out: Tensor, x: Tensor) -> Tensor:
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[1])
 
 
 def _float(t: Tensor | None):
     """A float32 numpy copy (biases, norm weights: a numpy view would pin the parameter's storage)."""
-    return None if t is None else as_numpy(t.detach().float().clone())
+    return None if t is None else t.detach().to(torch.float32, copy=True).numpy()
 
 
 def _norm_args(norm: Norm | None) -> dict:
@@ -67,7 +71,7 @@ def linears(x: Tensor, weights: list[Tensor], biases: list[Tensor | None] | None
     outs = [rows.new_empty(rows.shape[0], w.shape[0]) for w in weights]
     _native.linear_bf16(as_buffer(rows), [as_buffer(w) for w in weights], [_float(b) for b in biases],
                         [as_buffer(o) for o in outs], **_norm_args(norm))
-    return [o.view(*x.shape[:-1], o.shape[1]) for o in outs]
+    return [_shaped(o, x) for o in outs]
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
@@ -84,7 +88,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     out = torch.empty(rows.shape[0], weight.shape[0], dtype=out_dtype)
     extra = {} if residual is None else {"residual": as_buffer(_rows(residual))}
     _native.linear_bf16(as_buffer(rows), [as_buffer(weight)], [_float(bias)], [as_buffer(out)], **extra)
-    return out.view(*x.shape[:-1], out.shape[1])
+    return _shaped(out, x)
 
 
 def gated_linear(x: Tensor, gate_weight: Tensor, up_weight: Tensor, norm: Norm | None = None) -> Tensor:
@@ -98,4 +102,4 @@ def gated_linear(x: Tensor, gate_weight: Tensor, up_weight: Tensor, norm: Norm |
     out = rows.new_empty(rows.shape[0], gate_weight.shape[0])
     _native.gated_linear_bf16(as_buffer(rows), as_buffer(gate_weight), as_buffer(up_weight), as_buffer(out),
                               **_norm_args(norm))
-    return out.view(*x.shape[:-1], out.shape[1])
+    return _shaped(out, x)
