@@ -159,14 +159,31 @@ const float* bias_of(const py::object& b, int64_t N, const std::string& name, st
   return keep.back().data();
 }
 
-}  // namespace
-
 Norm norm_of(const py::object& weight, float eps, int64_t K, std::vector<f32_array>& keep) {
   if (weight.is_none()) return {};
   keep.push_back(weight.cast<f32_array>());
   check_ndim(keep.back(), 1, "norm_weight");
   check_dim(keep.back(), 0, K, "norm_weight");
   return {keep.back().data(), eps};
+}
+
+}  // namespace
+
+void linear_tiles(const uint16_t* x, int64_t M, int64_t K, const LinearTarget* targets, int count,
+                  const uint16_t* residual, const float* norm_weight, float eps) {
+  std::vector<Layer> layers;
+  for (int j = 0; j < count; ++j)
+    layers.push_back({Head(targets[j].weight, targets[j].bias, targets[j].rows, K),
+                      Output{targets[j].out, targets[j].out_bf16, targets[j].rows}});
+  if (M > 0) run(x, M, K, layers, false, residual, Norm{norm_weight, eps});
+}
+
+void gated_linear_tiles(const uint16_t* x, int64_t M, int64_t K, const uint16_t* gate, const uint16_t* up, int64_t N,
+                        uint16_t* out, const float* norm_weight, float eps) {
+  std::vector<Layer> layers;
+  layers.push_back({Head(gate, nullptr, N, K), Output{out, true, N}});
+  layers.push_back({Head(up, nullptr, N, K), Output{nullptr, false, N}});
+  if (M > 0) run(x, M, K, layers, true, nullptr, Norm{norm_weight, eps});
 }
 
 void linear_bf16(py::array x, py::list weights, py::list biases, py::list outs, py::object residual,

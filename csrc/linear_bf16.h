@@ -10,3 +10,17 @@ void linear_bf16(py::array x, py::list weights, py::list biases, py::list outs, 
 // out = silu(x Wg^T) * (x Wu^T): the gated MLP's input to its down projection, rounded once.
 void gated_linear_bf16(py::array x, py::array gate_weight, py::array up_weight, py::array out,
                        py::object norm_weight, float eps);
+
+// The same on raw, already checked buffers (for fused ops that chain them); the caller holds the GIL released
+// or not, as it likes. out_bf16: the output is bfloat16 bits, else float32.
+struct LinearTarget {
+  const uint16_t* weight;  // [rows, K]
+  const float* bias;       // [rows] or null
+  int64_t rows;
+  void* out;               // [M, rows]
+  bool out_bf16;
+};
+void linear_tiles(const uint16_t* x, int64_t M, int64_t K, const LinearTarget* targets, int count,
+                  const uint16_t* residual, const float* norm_weight, float eps);
+void gated_linear_tiles(const uint16_t* x, int64_t M, int64_t K, const uint16_t* gate, const uint16_t* up, int64_t N,
+                        uint16_t* out, const float* norm_weight, float eps);

@@ -2,6 +2,7 @@
 
 #include "block_manager.h"
 #include "common.h"
+#include "decode_layer.h"
 #include "logprob.h"
 #include "linear_bf16.h"
 #include "logprob_bf16.h"
@@ -68,6 +69,12 @@ PYBIND11_MODULE(_native, m) {
         py::arg("first_block") = 0,
         "paged_decode for a bf16 cache of 16-token blocks and bf16 queries, scores on AMX tiles (or VDPBF16PS), "
         "fp32 softmax and P V.");
+  m.def("decode_layer", &decode_layer, py::arg("x"), py::arg("weights"), py::arg("biases"), py::arg("input_norm"),
+        py::arg("post_norm"), py::arg("eps"), py::arg("cos"), py::arg("sin_signed"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("slots"), py::arg("block_tables"), py::arg("context_lens"),
+        py::arg("shared_blocks"), py::arg("heads"), py::arg("scale"),
+        "One decoder layer of an engine decode step in one call (bf16, AMX tiles): norm + q/k/v, RoPE + KV write, "
+        "paged (cascade) attention, o_proj + residual, norm + SwiGLU MLP + residual; x [T, d] updated in place.");
   m.def("logprob_forward_bf16", &logprob_forward_bf16, py::arg("hidden"), py::arg("weight"), py::arg("bias"),
         py::arg("labels"), py::arg("inv_temp"), py::arg("ignore_index"), py::arg("logp"), py::arg("lse"),
         py::arg("entropy") = py::none(),

@@ -320,3 +320,17 @@ void paged_decode_bf16(py::array q, py::array k_cache, py::array v_cache, i32_ar
   py::gil_scoped_release nogil;
   if (s.R > 0) run_decode(qp, kp, vp, tab, lens, W, first_block, s, scale, op, lp);
 }
+
+void prefix_attention_tiles(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int32_t* prefix,
+                            int64_t P, int64_t R, int64_t H, int64_t D, int64_t KV, float scale, float* out,
+                            float* lse) {
+  const Shapes s{R, H, D, KV, H / KV, P};
+  if (R > 0 && P > 0) run(q, k_cache, v_cache, prefix, s, scale, out, lse);
+}
+
+void paged_decode_tiles(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int32_t* tables,
+                        const int32_t* lens, int64_t W, int64_t first_block, int64_t R, int64_t H, int64_t D,
+                        int64_t KV, float scale, float* out, float* lse) {
+  const Shapes s{R, H, D, KV, H / KV, 0};
+  if (R > 0) run_decode(q, k_cache, v_cache, tables, lens, W, first_block, s, scale, out, lse);
+}

@@ -10,3 +10,10 @@ void prefix_attention(py::array q, py::array k_cache, py::array v_cache, i32_arr
 // same tiles: out [B, H, D] and lse [B, H] float32, as paged_decode gives them.
 void paged_decode_bf16(py::array q, py::array k_cache, py::array v_cache, i32_array block_tables,
                        i32_array context_lens, float scale, f32_out out, f32_out lse, int64_t first_block);
+// Both on raw, already checked buffers (16-token blocks, head_dim a multiple of 32, H / KV <= 32).
+void prefix_attention_tiles(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int32_t* prefix,
+                            int64_t P, int64_t R, int64_t H, int64_t D, int64_t KV, float scale, float* out,
+                            float* lse);
+void paged_decode_tiles(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int32_t* tables,
+                        const int32_t* lens, int64_t W, int64_t first_block, int64_t R, int64_t H, int64_t D,
+                        int64_t KV, float scale, float* out, float* lse);

@@ -64,11 +64,17 @@ void rope_store(py::array q, py::array k, py::array v, f32_array cos, f32_array 
                                   " is not a row of the cache (" + std::to_string(rows) + " rows)");
   const float *cp = cos.data(), *snp = sin_signed.data();
   py::gil_scoped_release nogil;
+  rope_store_rows(qb, qp, kb, kp, vb, T, H, KV, D, cp, snp, kcp, kc.bf16, vcp, vc.bf16, sp);
+}
+
+void rope_store_rows(FloatOrBf16 q, void* q_out, FloatOrBf16 k, void* k_out, FloatOrBf16 v, int64_t T, int64_t H,
+                     int64_t KV, int64_t D, const float* cos, const float* sin_signed, void* k_cache, bool k_cache_bf16,
+                     void* v_cache, bool v_cache_bf16, const int64_t* slots) {
 #pragma omp parallel for schedule(static) if (T > 16)
   for (int64_t t = 0; t < T; ++t) {
-    rotate_rows(qb, qp, t * H * D, H, D, cp + t * D, snp + t * D);
-    rotate_rows(kb, kp, t * KV * D, KV, D, cp + t * D, snp + t * D);
-    copy_row({kp, kb.bf16}, t * KV * D, kcp, kc.bf16, sp[t] * KV * D, KV * D);
-    copy_row(vb, t * KV * D, vcp, vc.bf16, sp[t] * KV * D, KV * D);
+    rotate_rows(q, q_out, t * H * D, H, D, cos + t * D, sin_signed + t * D);
+    rotate_rows(k, k_out, t * KV * D, KV, D, cos + t * D, sin_signed + t * D);
+    copy_row({k_out, k.bf16}, t * KV * D, k_cache, k_cache_bf16, slots[t] * KV * D, KV * D);
+    copy_row(v, t * KV * D, v_cache, v_cache_bf16, slots[t] * KV * D, KV * D);
   }
 }

@@ -95,3 +95,59 @@ def test_chunked_prefill_and_cached_prefix_give_the_same_logits():
         h = model(torch.tensor([prompt[9:]]), position_ids=torch.tensor([pos2]),
                   paged=PagedBatch(other.cache, slots2, table, torch.tensor([22]), [13]))[0]
     torch.testing.assert_close(h[-1:] @ model.lm_head.T, full, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- a decode step's layers as one native call each
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+
+from cai_engine import LLM, SamplingParams, _native  # noqa: E402
+from cai_engine.model import decoder as decoder_mod  # noqa: E402
+from cai_engine.ops import linear as linear_mod  # noqa: E402
+from conftest import tiny_tokenizer  # noqa: E402
+
+
+@pytest.mark.skipif(not _native.bf16_kernels_available(), reason="CPU lacks AVX512-BF16")
+@pytest.mark.parametrize("amx", ["1", "0"])
+def test_fused_decode_layers_equal_the_per_op_path_and_float64(monkeypatch, amx):
+    """bf16 engine, 16-token blocks, head_dim 32: pure decode steps run each layer as one native call (plain and
+    cascade over a shared 64-token prefix). Greedy tokens equal the per-op path's, log-probs within 2e-3 of it (the
+    same kernels and rounding points; only the fp32 merge of the cascade partials is written differently, which
+    may flip a bf16 rounding), and each within 0.02 nats of a float64 recompute over the same bf16 weights (several
+    bf16 roundings of the hidden state through 2 layers; the per-op path is held to the same bound)."""
+    if amx == "1" and not _native.amx_available():
+        pytest.skip("CPU lacks AMX-BF16")
+    monkeypatch.setenv("CAI_ENGINE_AMX", amx)
+    monkeypatch.setattr(linear_mod, "_tiles_preferred", lambda: True)
+    _, model = hf_and_ours("qwen2", False, seed=14, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                           intermediate_size=96, max_position_embeddings=256)
+    model = model.to(torch.bfloat16)
+    calls = []
+    real = _native.decode_layer
+    monkeypatch.setattr(_native, "decode_layer", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    shared = list(range(20, 84))                                     # 4 full blocks: a cascade group
+    prompts = [list(range(5, 12)), shared + list(range(100, 112)), shared + [3] * 15, shared + list(range(200, 220))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    def run():
+        llm = LLM(model, tiny_tokenizer(), kv_cache_bytes=1 << 22, block_size=16)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate([prompts[0]], params)
+                + llm.generate(prompts[1:], params)]
+
+    fused = run()
+    assert len(calls) >= 2 * 11 * 2                                  # 2 layers x 11 decode steps x 2 jobs
+    monkeypatch.setattr(decoder_mod, "fusable", lambda *a: False)
+    calls.clear()
+    per_op = run()
+    assert not calls
+    ref = copy.deepcopy(model).double()
+    for prompt, (tokens, logprobs), (tokens_op, logprobs_op) in zip(prompts, fused, per_op):
+        assert tokens == tokens_op
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(logprobs_op), atol=2e-3, rtol=0)
+        with torch.no_grad():
+            z = ref.logits(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1].log_softmax(-1)
+        exact = z.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.float64), exact, atol=2e-2, rtol=0)
+        torch.testing.assert_close(torch.tensor(logprobs_op, dtype=torch.float64), exact, atol=2e-2, rtol=0)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from ..ops.decode_layer import decode_layer_, fusable
 from ..ops.linear import gated_linear, linear, linears
 from ..ops.paged_attention import PagedBatch, paged_attention
 from ..ops.rms_norm import rms_norm
@@ -73,6 +74,7 @@ class AttentionInputs:
     varlen: tuple | None = None           # (token index, cu_seqlens, max_len) for flash-attn
     cache: "KVCache | None" = None
     paged: "PagedBatch | None" = None     # the sampling engine's paged KV cache
+    fused_decode: bool = False            # the engine's step runs each layer as one native call (ops.decode_layer)
 
 
 class KVCache:
@@ -176,9 +178,17 @@ class Block(nn.Module):
 
     def _paged(self, x: torch.Tensor, ctx: AttentionInputs) -> torch.Tensor:
         """The engine's step (no autograd): the same layer with the norms, the residual adds and the SwiGLU inside
-        the projections (ops.linear: on AMX CPUs one bf16 kernel call each, rounding once)."""
+        the projections (ops.linear: on AMX CPUs one bf16 kernel call each, rounding once); a pure decode step
+        there runs the whole layer as one native call (ops.decode_layer), the same kernels chained in C++."""
+        attn, mlp = self.self_attn, self.mlp
+        if ctx.fused_decode:
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                           mlp.down_proj)
+            return decode_layer_(x, [p.weight for p in projections], [p.bias for p in projections[:3]],
+                                 self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                                 self.input_layernorm.eps, ctx.cos, ctx.sin, ctx.paged, attn.layer, attn.n_heads)
         x = self.self_attn.paged(x, ctx, norm=self.input_layernorm)
-        mlp, norm = self.mlp, self.post_attention_layernorm
+        norm = self.post_attention_layernorm
         h = gated_linear(x, mlp.gate_proj.weight, mlp.up_proj.weight, norm=(norm.weight, norm.eps))
         return linear(h, mlp.down_proj.weight, residual=x)
 
@@ -241,8 +251,9 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         if paged is not None:  # no mask to build; the step rotates in fp32 as it writes the KV cache
             cos, sin = self._rotations(position_ids[0], torch.float32)
-            ctx = AttentionInputs(cos=cos, sin=sin, paged=paged)
             x = x[0]  # the layers take the step's flattened [T, d] rows
+            ctx = AttentionInputs(cos=cos, sin=sin, paged=paged,
+                                  fused_decode=fusable(x, paged, self.config.num_attention_heads))
         else:
             ctx = self._attention_inputs(x, position_ids, attention_mask, segment_ids, attn_mask, cache)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None and paged is None

@@ -174,7 +174,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     scale = scale if scale is not None else q.shape[2] ** -0.5
     plan = {} if plan is None else plan
-    if not plan:
+    if "decode" not in plan:
         plan.update(_step_plan(block_tables, context_lens, query_lens, k_cache.shape[1], q.device))
     if plan["all_decode"]:
         return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
@@ -193,6 +193,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             out[start:start + n_q] = _prefill_attention(q[start:start + n_q], k_cache, v_cache,
                                                         block_tables[members[0]], n_ctx, scale, kv)
     return out
+
+
+def step_plan(paged: PagedBatch, block_size: int) -> dict:
+    """The step's attention plan (built once, kept in paged.plan for every layer)."""
+    if "decode" not in paged.plan:
+        paged.plan.update(_step_plan(paged.block_tables, paged.context_lens, paged.query_lens, block_size,
+                                     paged.slots.device))
+    return paged.plan
 
 
 def _step_plan(block_tables, context_lens, query_lens: list[int], block_size: int, device) -> dict:
