@@ -37,6 +37,17 @@ const float* f32_of(const py::object& o, std::vector<int64_t> shape, const std::
   return keep.back().data();
 }
 
+// A float32 or bfloat16 vector (a norm weight, a bias) as float32, or null for None.
+const float* floats_of(const py::object& o, int64_t n, const std::string& name, std::vector<std::vector<float>>& keep) {
+  if (o.is_none()) return nullptr;
+  const py::array a = o.cast<py::array>();
+  check_ndim(a, 1, name.c_str());
+  const FloatOrBf16 f = float_or_bf16(a, n, name.c_str());
+  keep.emplace_back(n);
+  load_floats(f.data, f.bf16, 0, n, keep.back().data());
+  return keep.back().data();
+}
+
 // (o1, l1) and (o2, l2): attention over two disjoint key sets, each normalised, merged through the log-sum-exps
 // into o1 (fp32), the way merge_partials does it.
 void merge_into(float* o1, const float* l1, const float* o2, const float* l2, int64_t rows, int64_t D) {
@@ -53,7 +64,7 @@ void merge_into(float* o1, const float* l1, const float* o2, const float* l2, in
 
 }  // namespace
 
-void decode_layer(py::array x, py::list weights, py::list biases, f32_array input_norm, f32_array post_norm,
+void decode_layer(py::array x, py::list weights, py::list biases, py::array input_norm, py::array post_norm,
                   float eps, f32_array cos, f32_array sin_signed, py::array k_cache, py::array v_cache, i64_array slots,
                   i32_array block_tables, i32_array context_lens, int64_t shared_blocks, int64_t heads, float scale) {
   bf16_tiles::require_kernels();
@@ -74,10 +85,11 @@ void decode_layer(py::array x, py::list weights, py::list biases, f32_array inpu
   const uint16_t* w[7];
   for (int j = 0; j < 7; ++j) w[j] = bf16_of(weights[j].cast<py::array>(), shapes[j], names[j]);
   std::vector<f32_array> keep;
-  const float* b[3] = {f32_of(biases[0], {HD}, "q_bias", keep), f32_of(biases[1], {KD}, "k_bias", keep),
-                       f32_of(biases[2], {KD}, "v_bias", keep)};
-  const float* n1 = f32_of(input_norm, {d}, "input_norm", keep);
-  const float* n2 = f32_of(post_norm, {d}, "post_norm", keep);
+  std::vector<std::vector<float>> converted;
+  const float* b[3] = {floats_of(biases[0], HD, "q_bias", converted), floats_of(biases[1], KD, "k_bias", converted),
+                       floats_of(biases[2], KD, "v_bias", converted)};
+  const float* n1 = floats_of(input_norm, d, "input_norm", converted);
+  const float* n2 = floats_of(post_norm, d, "post_norm", converted);
   const float* cp = f32_of(cos, {T, D}, "cos", keep);
   const float* sp = f32_of(sin_signed, {T, D}, "sin_signed", keep);
   uint16_t* kc = const_cast<uint16_t*>(bf16_of(k_cache, {NB, BS, KV, D}, "k_cache"));

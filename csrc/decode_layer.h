@@ -2,8 +2,9 @@
 #include "paged_attention.h"
 
 // One decoder layer of an engine decode step (every row of x [T, d] one sequence's newest token), x updated in
-// place: bf16 weights [q, k, v, o, gate, up, down] and cache (16-token blocks), fp32 norms / biases / rotations.
+// place: bf16 weights [q, k, v, o, gate, up, down] and cache (16-token blocks), norms and biases fp32 or bf16,
+// fp32 rotations.
 // shared_blocks > 0: block_tables[0][:shared_blocks] are every row's first blocks (cascade attention).
-void decode_layer(py::array x, py::list weights, py::list biases, f32_array input_norm, f32_array post_norm,
+void decode_layer(py::array x, py::list weights, py::list biases, py::array input_norm, py::array post_norm,
                   float eps, f32_array cos, f32_array sin_signed, py::array k_cache, py::array v_cache, i64_array slots,
                   i32_array block_tables, i32_array context_lens, int64_t shared_blocks, int64_t heads, float scale);

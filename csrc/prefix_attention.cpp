@@ -31,28 +31,19 @@ struct Shapes {
   int64_t R, H, D, KV, G, P;
 };
 
-// acc = acc * alpha + P V for the chunk's keys, on tiles: P (fp32, [keys, queries] in `scores`) split into bf16
-// hi + lo parts (P = hi + lo to 2^-17 relative: the products keep fp32-grade probabilities), as the A operand
-// [32 queries, 32 keys]; V's keys paired (VNNI) as the B operand, 16 dims per tile.
-CAI_AMX void probabilities_times_v(float* scores, const __m512* alpha, int halves, int64_t keys, const uint16_t* v,
-                                   const int32_t* blocks, int64_t h, const Shapes& s, int64_t n, float* acc,
-                                   uint16_t* p_split, uint32_t* v_pairs) {
+// acc += P V for the chunk's keys, on tiles: P (fp32, [keys, queries] in `scores`, relative to each row's final
+// max, so the running outputs never need rescaling) split into bf16 hi + lo parts (P = hi + lo to 2^-17 relative:
+// the products keep fp32-grade probabilities), as the A operand [32 queries, 32 keys]; V's keys paired (VNNI) as
+// the B operand, 16 dims per tile. Each 16-dim slice of acc is loaded and stored once per chunk.
+CAI_AMX void probabilities_times_v(float* scores, int64_t keys, const uint16_t* v, const int32_t* blocks, int64_t h,
+                                   const Shapes& s, float* acc, uint16_t* p_split, uint32_t* v_pairs) {
   const int64_t D = s.D, kv_row = s.KV * s.D, block_elems = kBlock * kv_row;
   for (int64_t t = keys; t < 2 * kBlock; ++t)  // keys past the end weigh nothing
     std::memset(scores + t * kQueries, 0, kQueries * sizeof(float));
-  // rescale the running outputs, one query row at a time
-  float alphas[kQueries];
-  _mm512_storeu_ps(alphas, alpha[0]);
-  _mm512_storeu_ps(alphas + 16, alpha[1]);
-  for (int64_t j = 0; j < n; ++j) {
-    const __m512 a = _mm512_set1_ps(alphas[j]);
-    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(acc + j * D + d, _mm512_mul_ps(a, _mm512_loadu_ps(acc + j * D + d)));
-  }
   // P rows (a query's 32 keys) gathered down the score columns, split hi / lo: [2][32 rows][32 keys] bf16
   const __m512i down = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                           _mm512_set1_epi32(int(kQueries)));
-  const int64_t rows = 16 * halves;
-  for (int64_t j = 0; j < rows; ++j)
+  for (int64_t j = 0; j < kQueries; ++j)
     for (int64_t t0 = 0; t0 < 2 * kBlock; t0 += 16) {
       const __m512 p = _mm512_i32gather_ps(down, scores + t0 * kQueries + j, 4);
       const __m256bh hi = _mm512_cvtneps_pbh(p);
@@ -73,10 +64,30 @@ CAI_AMX void probabilities_times_v(float* scores, const __m512* alpha, int halve
       _mm512_storeu_si512(v_pairs + (d / 16) * 256 + pair * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
   }
-  for (int part = 0; part < 2; ++part)
-    for (int64_t d = 0; d < D; d += 16)
-      tile_2x1(p_split + part * kQueries * 32, 64, 64, v_pairs + (d / 16) * 256, 0, 64, 1024, 1, acc + d, D * 4,
-               kContiguous, true);
+  if (!use_amx) {  // VDPBF16PS: the same products through the vector tile emulation
+    for (int part = 0; part < 2; ++part)
+      for (int64_t d = 0; d < D; d += 16)
+        tile_2x1(p_split + part * kQueries * 32, 64, 64, v_pairs + (d / 16) * 256, 0, 64, 1024, 1, acc + d, D * 4,
+                 kContiguous, true);
+    return;
+  }
+  const int64_t ldc = D * 4;
+  _tile_loadd(4, p_split, 64);                              // hi, rows 0-15 and 16-31
+  _tile_loadd(5, p_split + 16 * 32, 64);
+  _tile_loadd(6, p_split + kQueries * 32, 64);              // lo
+  _tile_loadd(7, p_split + kQueries * 32 + 16 * 32, 64);
+  for (int64_t d = 0; d < D; d += 16) {
+    char* c = reinterpret_cast<char*>(acc + d);
+    _tile_loadd(0, c, ldc);
+    _tile_loadd(1, c + 16 * ldc, ldc);
+    _tile_loadd(2, v_pairs + (d / 16) * 256, 64);
+    _tile_dpbf16ps(0, 4, 2);
+    _tile_dpbf16ps(1, 5, 2);
+    _tile_dpbf16ps(0, 6, 2);
+    _tile_dpbf16ps(1, 7, 2);
+    _tile_stored(0, c, ldc);
+    _tile_stored(1, c + 16 * ldc, ldc);
+  }
 }
 
 // The same for a decoding sequence's few query rows, in fp32 FMAs: acc[r0 + r] = acc[r0 + r] * alpha + sum over the
@@ -126,7 +137,7 @@ CAI_AMX void task(const uint16_t* q, const uint16_t* k, const uint16_t* v, const
       dst[c * 16 + 1] = row[c + 1];
     }
   }
-  std::fill(acc, acc + n * D, 0.f);
+  std::fill(acc, acc + kQueries * D, 0.f);  // all 32 rows: the tiles accumulate every row
   __m512 m[2], l[2];
   for (int half = 0; half < 2; ++half) {
     m[half] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -135,7 +146,7 @@ CAI_AMX void task(const uint16_t* q, const uint16_t* k, const uint16_t* v, const
   const __m512 sc = _mm512_set1_ps(scale);
   const int64_t block_elems = kBlock * kv_row;
   const int halves = n > 16 ? 2 : 1;
-  for (int64_t b = 0; b * kBlock < n_keys; b += 2) {
+  auto score_chunk = [&](int64_t b) CAI_AMX {  // S^T for keys [16 b, 16 b + 32) into `scores`; returns the key count
     const int64_t keys = std::min<int64_t>(2 * kBlock, n_keys - b * kBlock);
     const uint16_t* k0 = k + blocks[b] * block_elems + h * D;
     const uint16_t* k1 = keys > kBlock ? k + blocks[b + 1] * block_elems + h * D : k0;  // past the end: masked
@@ -144,33 +155,53 @@ CAI_AMX void task(const uint16_t* q, const uint16_t* k, const uint16_t* v, const
                (k1 - k0) * 2);
     else
       tile_2x1(k0, kv_row * 2, 64, packed, D * 32, 64, 1024, D / 32, scores, kQueries * 4, (k1 - k0) * 2);
-    // online softmax, 16 queries per vector; scores become probabilities (relative to the new max) in place
-    __m512 alpha[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int half = 0; half < halves; ++half) {
-      float* col = scores + 16 * half;
-      __m512 cm = m[half];
+    return keys;
+  };
+  if (n > 4) {
+    // two passes over the keys: each row's max score first (scores on tiles cost little), then probabilities
+    // relative to it, so the outputs accumulate on tiles without the online softmax's rescaling
+    for (int64_t b = 0; b * kBlock < n_keys; b += 2) {
+      const int64_t keys = score_chunk(b);
+      for (int half = 0; half < halves; ++half)
+        for (int64_t t = 0; t < keys; ++t)
+          m[half] = _mm512_max_ps(m[half], _mm512_mul_ps(_mm512_loadu_ps(scores + 16 * half + t * kQueries), sc));
+    }
+    for (int64_t b = 0; b * kBlock < n_keys; b += 2) {
+      const int64_t keys = score_chunk(b);
+      for (int half = 0; half < 2; ++half)
+        for (int64_t t = 0; t < keys; ++t) {
+          float* at = scores + 16 * half + t * kQueries;
+          const __m512 p = half < halves ? exp_nonpositive16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(at), sc), m[half]))
+                                         : _mm512_setzero_ps();  // lanes of no query
+          _mm512_storeu_ps(at, p);
+          l[half] = _mm512_add_ps(l[half], p);
+        }
+      probabilities_times_v(scores, keys, v, blocks + b, h, s, acc, p_split, v_pairs);
+    }
+  } else {
+    for (int64_t b = 0; b * kBlock < n_keys; b += 2) {
+      const int64_t keys = score_chunk(b);
+      // online softmax, 16 queries per vector; scores become probabilities (relative to the new max) in place
+      float* col = scores;
+      __m512 cm = m[0];
       for (int64_t t = 0; t < keys; ++t) cm = _mm512_max_ps(cm, _mm512_mul_ps(_mm512_loadu_ps(col + t * kQueries), sc));
-      alpha[half] = exp_nonpositive16(_mm512_sub_ps(m[half], cm));  // first block: exp(-inf) = 0
-      __m512 sum = _mm512_mul_ps(l[half], alpha[half]);
+      const __m512 alpha = exp_nonpositive16(_mm512_sub_ps(m[0], cm));  // first block: exp(-inf) = 0
+      __m512 sum = _mm512_mul_ps(l[0], alpha);
       for (int64_t t = 0; t < keys; ++t) {
         const __m512 p = exp_nonpositive16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(col + t * kQueries), sc), cm));
         _mm512_storeu_ps(col + t * kQueries, p);
         sum = _mm512_add_ps(sum, p);
       }
-      m[half] = cm;
-      l[half] = sum;
-    }
-    if (n > 4) {
-      probabilities_times_v(scores, alpha, halves, keys, v, blocks + b, h, s, n, acc, p_split, v_pairs);
-      continue;
-    }
-    float alphas[kQueries];
-    _mm512_storeu_ps(alphas, alpha[0]);
-    switch (n) {  // every row at once: V read once per key
-      case 4: few_rows_times_v<4>(scores, alphas, v, blocks + b, keys, h, s, 0, acc); break;
-      case 3: few_rows_times_v<3>(scores, alphas, v, blocks + b, keys, h, s, 0, acc); break;
-      case 2: few_rows_times_v<2>(scores, alphas, v, blocks + b, keys, h, s, 0, acc); break;
-      default: few_rows_times_v<1>(scores, alphas, v, blocks + b, keys, h, s, 0, acc);
+      m[0] = cm;
+      l[0] = sum;
+      float alphas[16];
+      _mm512_storeu_ps(alphas, alpha);
+      switch (n) {  // every row at once: V read once per key
+        case 4: few_rows_times_v<4>(scores, alphas, v, blocks + b, keys, h, s, 0, acc); break;
+        case 3: few_rows_times_v<3>(scores, alphas, v, blocks + b, keys, h, s, 0, acc); break;
+        case 2: few_rows_times_v<2>(scores, alphas, v, blocks + b, keys, h, s, 0, acc); break;
+        default: few_rows_times_v<1>(scores, alphas, v, blocks + b, keys, h, s, 0, acc);
+      }
     }
   }
   float ms[kQueries], ls[kQueries];

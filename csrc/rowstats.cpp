@@ -4,6 +4,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <utility>
 #include <vector>
 
@@ -162,19 +165,33 @@ inline int bucket_of(float d) {
   return b >= kBuckets - 1 ? kBuckets - 1 : int(b);
 }
 
-// The row's max, then d = (z - max) * inv_temp and e = exp(d) into scratch, with the raw and scaled sums.
+// d = (z - max) * inv_temp and e = exp(d) into scratch, with the raw and the scaled sums of exponentials (one and
+// the same at temperature 1, where a second exp per token would be wasted).
 CAI_MULTIVERSION void scaled_exps(const float* z, int64_t n, float inv_temp, float m, float* d, float* e, float& raw,
                                   float& scaled) {
-  float rs = 0.f, ss = 0.f;
-#pragma omp simd reduction(+ : rs, ss)
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
   for (int64_t i = 0; i < n; ++i) {
-    rs += exp_nonpositive(z[i] - m);
     d[i] = (z[i] - m) * inv_temp;
     e[i] = exp_nonpositive(d[i]);
     ss += e[i];
   }
-  raw = rs;
   scaled = ss;
+  if (inv_temp == 1.f) {
+    raw = ss;
+    return;
+  }
+  float rs = 0.f;
+#pragma omp simd reduction(+ : rs)
+  for (int64_t i = 0; i < n; ++i) rs += exp_nonpositive(z[i] - m);
+  raw = rs;
+}
+
+CAI_MULTIVERSION float row_max(const float* z, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = z[i] > m ? z[i] : m;
+  return m;
 }
 
 CAI_MULTIVERSION float kept_sum(const float* d, const float* e, int64_t n, float t) {
@@ -186,12 +203,59 @@ CAI_MULTIVERSION float kept_sum(const float* d, const float* e, int64_t n, float
 
 // The nucleus threshold on d: keep every token with d >= t, the smallest set of most likely tokens whose mass
 // reaches top_p (ties at the cut kept). A histogram of d finds the bucket where the mass from the top crosses
-// top_p * total; only that bucket's tokens are sorted.
-float nucleus_threshold(const float* d, const float* e, int64_t n, float total, float top_p,
-                        std::vector<float>& mass, std::vector<std::pair<float, float>>& bucket) {
+// top_p * total; only that bucket's tokens are sorted. The histogram is a scalar pass, so it runs over the
+// candidates only: the tokens within kCandidates of the max, when their mass already reaches the target (a
+// language model's row: a few hundred of 50k tokens), else the whole row.
+constexpr float kCandidates = -16.f;  // e^-16 = 1e-7 of the top token's weight
+
+// (d, e) of the tokens with d >= cut, in order, into cd / ce (room for n); returns how many.
+int64_t compact_scalar(const float* d, const float* e, int64_t n, float cut, float* cd, float* ce) {
+  int64_t k = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (d[i] >= cut) {
+      cd[k] = d[i];
+      ce[k++] = e[i];
+    }
+  return k;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx512f"))) int64_t compact_avx512(const float* d, const float* e, int64_t n, float cut,
+                                                          float* cd, float* ce) {
+  const __m512 c = _mm512_set1_ps(cut);
+  int64_t k = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {  // most 16-token groups of a language model's row hold no candidate
+    const __m512 dv = _mm512_loadu_ps(d + i);
+    const __mmask16 m = _mm512_cmp_ps_mask(dv, c, _CMP_GE_OQ);
+    if (!m) continue;
+    _mm512_mask_compressstoreu_ps(cd + k, m, dv);
+    _mm512_mask_compressstoreu_ps(ce + k, m, _mm512_loadu_ps(e + i));
+    k += __builtin_popcount(m);
+  }
+  return k + compact_scalar(d + i, e + i, n - i, cut, cd + k, ce + k);
+}
+#endif
+
+int64_t compact(const float* d, const float* e, int64_t n, float cut, float* cd, float* ce) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return compact_avx512(d, e, n, cut, cd, ce);
+#endif
+  return compact_scalar(d, e, n, cut, cd, ce);
+}
+
+float nucleus_threshold(const float* d, const float* e, int64_t n, float total, float top_p, std::vector<float>& mass,
+                        std::vector<std::pair<float, float>>& bucket, std::vector<float>& cd, std::vector<float>& ce) {
+  const float target = top_p * total;
+  float near = 0.f;
+  for (int64_t c = 0; c < n; c += kChunk) near += kept_sum(d + c, e + c, std::min(kChunk, n - c), kCandidates);
+  if (near >= target) {  // the candidates only
+    n = compact(d, e, n, kCandidates, cd.data(), ce.data());
+    d = cd.data();
+    e = ce.data();
+  }
   std::fill(mass.begin(), mass.end(), 0.f);
   for (int64_t i = 0; i < n; ++i) mass[bucket_of(d[i])] += e[i];
-  const float target = top_p * total;
   float above = 0.f;
   int b = 0;
   for (; b < kBuckets - 1 && above + mass[b] < target; ++b) above += mass[b];
@@ -228,20 +292,19 @@ void sample_nucleus(f32_array logits, f32_array inv_temp, f32_array top_p, f32_a
   py::gil_scoped_release nogil;
 #pragma omp parallel
   {
-    std::vector<float> d(n), e(n), mass(kBuckets);
+    std::vector<float> d(n), e(n), mass(kBuckets), cd(n), ce(n);
     std::vector<std::pair<float, float>> bucket;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* z = pz + r * n;
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t i = 0; i < n; ++i) m = z[i] > m ? z[i] : m;
+      const float m = row_max(z, n);
       if (!std::isfinite(m)) {  // reported below, outside the threads
         pk[r] = -1;
         continue;
       }
       float raw = 0.f, total = 0.f;
       scaled_exps(z, n, pt[r], m, d.data(), e.data(), raw, total);
-      const float t = pp[r] < 1.f ? nucleus_threshold(d.data(), e.data(), n, total, pp[r], mass, bucket)
+      const float t = pp[r] < 1.f ? nucleus_threshold(d.data(), e.data(), n, total, pp[r], mass, bucket, cd, ce)
                                   : -std::numeric_limits<float>::infinity();
       float kept = 0.f;  // the nucleus' mass, summed by chunks as the scan below sums it
       for (int64_t c = 0; c < n; c += kChunk) kept += kept_sum(d.data() + c, e.data() + c, std::min(kChunk, n - c), t);

@@ -123,8 +123,11 @@ def test_native_nucleus_draw_equals_processing_then_sampling():
     z = torch.randn(48, 5000, generator=g) * 3
     z[:, 7] = float("-inf")                                    # a masked token is never drawn
     z[3, :] = z[3, 0]                                          # a flat row: ties at the cut are kept
+    z[5, :] = 0.0                                              # a far tail holding 2e-4 of the mass: the nucleus
+    z[5, 0] = 17.0                                             # cut lies below the candidates (the full histogram)
     params = [SamplingParams(temperature=t, top_p=p) for t, p in
               zip([0.3, 0.7, 1.0, 1.5] * 12, [0.05, 0.5, 0.9, 0.95, 1.0, 0.999] * 8)]
+    params[5] = SamplingParams(temperature=1.0, top_p=0.99999)
     seeds = list(range(48))
     native = draw(z, params, [[]] * 48, [[]] * 48, [[]] * 48, gens(seeds))
     general = _general(z, params, seeds)

@@ -24,6 +24,9 @@ class PagedKVCache:
         self.block_size = block_size
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        # per layer, the fused decode layer's numpy views of that layer's weights (ops.decode_layer), kept here so
+        # they live exactly as long as this engine's cache
+        self.weight_views: list[dict] = [{} for _ in range(self.layers)]
         self.allocate()
 
     def allocate(self) -> None:

@@ -46,7 +46,7 @@ class RequestOutput:
         return self.outputs[0].text if self.outputs else ""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: `seq in running` must not compare token lists
 class _Seq:
     id: int
     request: int
@@ -60,6 +60,18 @@ class _Seq:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.out.token_ids
+
+    @property
+    def length(self) -> int:  # len(tokens) without building the list (a long prompt is copied otherwise)
+        return len(self.prompt) + len(self.out.token_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.out.token_ids[-1] if self.out.token_ids else self.prompt[-1]
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        p = len(self.prompt)
+        return self.prompt[start:stop] + self.out.token_ids[max(start - p, 0):max(stop - p, 0)]
 
 
 class LLM:
@@ -210,7 +222,7 @@ class LLM:
         for seq in list(running):
             if seq not in running:
                 continue  # preempted to make room for a sequence before it
-            if self.blocks.num_tokens(seq.id) == len(seq.tokens):
+            if self.blocks.num_tokens(seq.id) == seq.length:
                 continue  # every token has a slot already: a prefill, handled below
             while not self._can_append(seq):
                 victim = running[-1]
@@ -219,12 +231,12 @@ class LLM:
                     break
             if seq not in running:
                 continue  # it was the only candidate left and went back to the queue
-            self.blocks.append(seq.id, seq.tokens[-1])
+            self.blocks.append(seq.id, seq.last_token)
             work.append((seq, 1))
             budget -= 1
         scheduled = {s.id for s, _ in work}
         for seq in running:  # continue chunked prefills
-            todo = len(seq.tokens) - seq.computed
+            todo = seq.length - seq.computed
             if seq.id in scheduled or todo == 0:
                 continue
             if budget <= 0:
@@ -242,7 +254,7 @@ class LLM:
             if seq.children and len(seq.tokens) % self.blocks.block_size:
                 self._reserved[seq.id] = seq.children  # its forks copy the partial last block: keep those free
             running.append(seq)
-            n = min(len(seq.tokens) - seq.computed, budget)
+            n = min(seq.length - seq.computed, budget)
             work.append((seq, n))
             budget -= n
         return work
@@ -287,7 +299,7 @@ class LLM:
         block_tables = [self.blocks.block_table(seq.id) for seq, _ in work]
         for (seq, n), table in zip(work, block_tables):
             start = seq.computed
-            ids += seq.tokens[start:start + n]
+            ids += seq.token_slice(start, start + n)
             pos += range(start, start + n)
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             lens.append(start + n)
@@ -304,7 +316,7 @@ class LLM:
         for b, (seq, n) in enumerate(work):
             seq.computed += n
             self.blocks.mark_computed(seq.id, seq.computed)
-            if seq.computed == len(seq.tokens):  # else mid-prefill: no token yet
+            if seq.computed == seq.length:  # else mid-prefill: no token yet
                 ready += [(b, s) for s in [seq] + self._fork_children(seq, results, running)]
         if not ready:
             return 0
@@ -368,7 +380,7 @@ class LLM:
             if hits:
                 text, reason = text[:min(hits)], "stop"
                 self._cut_at_text(out, text, stops)
-        if reason is None and (len(out.token_ids) >= p.max_tokens or len(seq.tokens) >= self.max_len):
+        if reason is None and (len(out.token_ids) >= p.max_tokens or seq.length >= self.max_len):
             reason = "length"
         if reason is None:
             return 0

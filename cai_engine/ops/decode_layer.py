@@ -36,10 +36,20 @@ def decode_layer_(x: Tensor, weights: list[Tensor], biases: list[Tensor | None],
         plan["buffers"] = (cos.contiguous().numpy(), sin_signed.contiguous().numpy(), paged.slots.to(torch.int64).numpy(),
                            paged.block_tables.to(torch.int32).numpy(), paged.context_lens.to(torch.int32).numpy())
     cos_np, sin_np, slots, tables, lens = plan["buffers"]
-    shared = plan["decode"][0][2]
-    floats = lambda t: None if t is None else t.detach().to(torch.float32, copy=True).numpy()
-    _native.decode_layer(as_buffer(x), [as_buffer(w) for w in weights], [floats(b) for b in biases],
-                         floats(input_norm), floats(post_norm), float(eps), cos_np, sin_np,
-                         as_buffer(paged.cache.k[layer]), as_buffer(paged.cache.v[layer]), slots, tables, lens,
-                         shared, heads, paged.cache.k[layer].shape[3] ** -0.5)
+    k_cache, v_cache = paged.cache.k[layer], paged.cache.v[layer]
+    params = _views(weights + biases + [input_norm, post_norm], paged.cache.weight_views[layer])
+    _native.decode_layer(as_buffer(x), params[:7], params[7:10], params[10], params[11], float(eps), cos_np, sin_np,
+                         as_buffer(k_cache), as_buffer(v_cache), slots, tables, lens, plan["decode"][0][2], heads,
+                         k_cache.shape[3] ** -0.5)
     return x
+
+
+def _views(tensors: list[Tensor | None], held: dict) -> list:
+    """Zero-copy numpy views of a layer's weights, kept by the engine (its cache object, per layer) under their
+    storage addresses: every step would otherwise rebuild the same twelve views. A view stays valid while its
+    storage lives and the weights change in place (optimizer steps, update_weights), so nothing goes stale; new
+    storage (a reload) has new addresses. The engine owns them, so they go when it goes."""
+    key = tuple(0 if t is None else t.data_ptr() for t in tensors)
+    if held.get("key") != key:
+        held["key"], held["views"] = key, [None if t is None else as_buffer(t) for t in tensors]
+    return held["views"]
