@@ -103,19 +103,14 @@ void decode_layer(py::array x, py::list weights, py::list biases, py::array inpu
   const int64_t W = block_tables.shape(1);
   const int64_t* sl = slots.data();
   const int32_t *tab = block_tables.data(), *lens = context_lens.data();
+  check_block_tables(tab, lens, T, W, NB, BS, 0);
   for (int64_t t = 0; t < T; ++t) {
     if (sl[t] < 0 || sl[t] >= NB * BS)
       throw std::invalid_argument("slots[" + std::to_string(t) + "] = " + std::to_string(sl[t]) +
                                   " is not a row of the cache");
-    if (lens[t] < 1 || (lens[t] + BS - 1) / BS > W)
-      throw std::invalid_argument("context_lens[" + std::to_string(t) + "] = " + std::to_string(lens[t]) +
-                                  " does not fit its block table of " + std::to_string(W) + " blocks");
-    for (int64_t i = 0; i < (lens[t] + BS - 1) / BS; ++i)
-      if (tab[t * W + i] < 0 || tab[t * W + i] >= NB)
-        throw std::invalid_argument("block_tables[" + std::to_string(t) + "][" + std::to_string(i) +
-                                    "] is not a block of the cache");
-    if (shared_blocks * BS > lens[t] || (shared_blocks && tab[t * W] != tab[0]))
-      throw std::invalid_argument("shared_blocks: row " + std::to_string(t) + " does not share them");
+    bool shares = shared_blocks * BS <= lens[t];
+    for (int64_t i = 0; shares && i < shared_blocks; ++i) shares = tab[t * W + i] == tab[i];
+    if (!shares) throw std::invalid_argument("shared_blocks: row " + std::to_string(t) + " does not share them");
   }
   py::gil_scoped_release nogil;
   std::vector<uint16_t> q(T * HD), k(T * KD), v(T * KD), attn(T * HD), h(T * I);

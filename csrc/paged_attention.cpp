@@ -164,6 +164,19 @@ void decode(const float* qp, const T* kp, const T* vp, const int32_t* tab, const
 
 }  // namespace
 
+void check_block_tables(const int32_t* tables, const int32_t* lens, int64_t B, int64_t W, int64_t NB, int64_t BS,
+                        int64_t first_block) {
+  for (int64_t b = 0; b < B; ++b) {
+    if (lens[b] < 1 || (lens[b] + BS - 1) / BS > W)
+      throw std::invalid_argument("context_lens[" + std::to_string(b) + "] = " + std::to_string(lens[b]) +
+                                  " does not fit its block table of " + std::to_string(W) + " blocks");
+    for (int64_t i = first_block; i < (lens[b] + BS - 1) / BS; ++i)
+      if (tables[b * W + i] < 0 || tables[b * W + i] >= NB)
+        throw std::invalid_argument("block_tables[" + std::to_string(b) + "][" + std::to_string(i) +
+                                    "] is not a block of the cache");
+  }
+}
+
 void paged_decode(f32_array q, py::array k_cache, py::array v_cache, i32_array block_tables, i32_array context_lens,
                   float scale, f32_out out, std::optional<f32_out> lse, int64_t first_block) {
   check_ndim(q, 3, "q");
@@ -193,15 +206,7 @@ void paged_decode(f32_array q, py::array k_cache, py::array v_cache, i32_array b
   }
   if (first_block < 0) throw std::invalid_argument("first_block must be >= 0");
   const int32_t *tab = block_tables.data(), *lens = context_lens.data();
-  for (int64_t b = 0; b < B; ++b) {
-    if (lens[b] < 1 || (lens[b] + BS - 1) / BS > W)
-      throw std::invalid_argument("context_lens[" + std::to_string(b) + "] = " + std::to_string(lens[b]) +
-                                  " does not fit its block table of " + std::to_string(W) + " blocks");
-    for (int64_t i = first_block; i < (lens[b] + BS - 1) / BS; ++i)
-      if (tab[b * W + i] < 0 || tab[b * W + i] >= NB)
-        throw std::invalid_argument("block_tables[" + std::to_string(b) + "][" + std::to_string(i) +
-                                    "] is not a block of the cache");
-  }
+  check_block_tables(tab, lens, B, W, NB, BS, first_block);
   float* op = out.mutable_data();
   float* lp = lse ? lse->mutable_data() : nullptr;
   const float* qp = q.data();

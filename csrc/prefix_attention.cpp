@@ -31,6 +31,17 @@ struct Shapes {
   int64_t R, H, D, KV, G, P;
 };
 
+// One thread's working buffers for its tasks.
+struct Scratch {
+  Buffer<float> scores, acc;
+  Buffer<uint16_t> packed, p_split;
+  Buffer<uint32_t> v_pairs;
+  explicit Scratch(int64_t D)
+      : scores(zeroed<float>(2 * kBlock * kQueries)), acc(zeroed<float>(kQueries * D)),
+        packed(zeroed<uint16_t>(kQueries * D)), p_split(zeroed<uint16_t>(2 * kQueries * 2 * kBlock)),
+        v_pairs(zeroed<uint32_t>(kBlock * D)) {}
+};
+
 // acc += P V for the chunk's keys, on tiles: P (fp32, [keys, queries] in `scores`, relative to each row's final
 // max, so the running outputs never need rescaling) split into bf16 hi + lo parts (P = hi + lo to 2^-17 relative:
 // the products keep fp32-grade probabilities), as the A operand [32 queries, 32 keys]; V's keys paired (VNNI) as
@@ -124,8 +135,11 @@ CAI_AMX inline void few_rows_times_v(const float* scores, const float* alphas, c
 // against the first `keys` tokens of `blocks`. n <= 16 (a decoding sequence's G heads) computes half the tiles.
 CAI_AMX void task(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* blocks, int64_t n_keys,
                   const Shapes& s, float scale, int64_t h, int64_t i0, int64_t n, float* out, float* lse,
-                  float* scores, uint16_t* packed, float* acc, uint16_t* p_split, uint32_t* v_pairs) {
+                  Scratch& scratch) {
   const int64_t D = s.D, KV = s.KV, G = s.G, kv_row = KV * D;
+  float *scores = scratch.scores.get(), *acc = scratch.acc.get();
+  uint16_t *packed = scratch.packed.get(), *p_split = scratch.p_split.get();
+  uint32_t* v_pairs = scratch.v_pairs.get();
   // the rows as the VNNI B operand ([2][D / 2][16] pairs); rows past n keep whatever finite values a previous task
   // left (zeros at first): their score lanes are never read
   for (int64_t j = 0; j < n; ++j) {
@@ -223,19 +237,35 @@ CAI_AMX void run(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
 #pragma omp parallel if (tasks > 1)
   {
     configure_tiles();
-    auto scores = zeroed<float>(2 * kBlock * kQueries);
-    auto packed = zeroed<uint16_t>(kQueries * s.D);
-    auto acc = zeroed<float>(kQueries * s.D);
-    auto p_split = zeroed<uint16_t>(2 * kQueries * 2 * kBlock);
-    auto v_pairs = zeroed<uint32_t>(kBlock * s.D);
+    Scratch scratch(s.D);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t h = t / per_head, i0 = (t % per_head) * kQueries;
-      task(q, k, v, prefix, s.P * kBlock, s, scale, h, i0, std::min(kQueries, s.R * s.G - i0), out, lse, scores.get(),
-           packed.get(), acc.get(), p_split.get(), v_pairs.get());
+      task(q, k, v, prefix, s.P * kBlock, s, scale, h, i0, std::min(kQueries, s.R * s.G - i0), out, lse, scratch);
     }
     release_tiles();
   }
+}
+
+// q [R, H, D], the caches [blocks, 16, KV, D], out [R, H, D], lse [R, H]: the shapes both entry points take (head
+// groups of at most 32 query heads, so one task's rows fit a 2 x 2 tile block).
+Shapes check_operands(const py::array& q, const py::array& k_cache, const py::array& v_cache, const f32_out& out,
+                      const f32_out& lse) {
+  Shapes s{q.shape(0), q.shape(1), q.shape(2), k_cache.shape(2), 0, 0};
+  if (k_cache.shape(1) != kBlock)
+    throw std::invalid_argument("k_cache: expected blocks of " + std::to_string(kBlock) + " tokens, got " +
+                                std::to_string(k_cache.shape(1)));
+  if (s.D % 32) throw std::invalid_argument("q: head_dim must be a multiple of 32, got " + std::to_string(s.D));
+  if (s.H % s.KV || s.H / s.KV > kQueries)
+    throw std::invalid_argument("q heads must be a multiple of the cache's KV heads, at most 32 per KV head");
+  s.G = s.H / s.KV;
+  check_dim(k_cache, 3, s.D, "k_cache");
+  for (int axis = 0; axis < 4; ++axis) check_dim(v_cache, axis, k_cache.shape(axis), "v_cache");
+  for (int axis = 0; axis < 3; ++axis) check_dim(out, axis, q.shape(axis), "out");
+  check_ndim(lse, 2, "lse");
+  check_dim(lse, 0, s.R, "lse");
+  check_dim(lse, 1, s.H, "lse");
+  return s;
 }
 
 const uint16_t* bf16_data(const py::array& a, const char* name) {
@@ -254,19 +284,8 @@ void prefix_attention(py::array q, py::array k_cache, py::array v_cache, i32_arr
   check_ndim(q, 3, "q");
   check_ndim(k_cache, 4, "k_cache");
   check_ndim(prefix, 1, "prefix");
-  Shapes s{q.shape(0), q.shape(1), q.shape(2), k_cache.shape(2), 0, prefix.shape(0)};
-  if (k_cache.shape(1) != kBlock)
-    throw std::invalid_argument("k_cache: expected blocks of " + std::to_string(kBlock) + " tokens, got " +
-                                std::to_string(k_cache.shape(1)));
-  if (s.D % 32) throw std::invalid_argument("q: head_dim must be a multiple of 32, got " + std::to_string(s.D));
-  if (s.H % s.KV) throw std::invalid_argument("q heads must be a multiple of the cache's KV heads");
-  s.G = s.H / s.KV;
-  check_dim(k_cache, 3, s.D, "k_cache");
-  for (int axis = 0; axis < 4; ++axis) check_dim(v_cache, axis, k_cache.shape(axis), "v_cache");
-  for (int axis = 0; axis < 3; ++axis) check_dim(out, axis, q.shape(axis), "out");
-  check_ndim(lse, 2, "lse");
-  check_dim(lse, 0, s.R, "lse");
-  check_dim(lse, 1, s.H, "lse");
+  Shapes s = check_operands(q, k_cache, v_cache, out, lse);
+  s.P = prefix.shape(0);
   const int32_t* pp = prefix.data();
   for (int64_t i = 0; i < s.P; ++i)
     if (pp[i] < 0 || pp[i] >= k_cache.shape(0))
@@ -287,11 +306,7 @@ CAI_AMX void run_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v,
 #pragma omp parallel if (tasks > 1)
   {
     configure_tiles();
-    auto scores = zeroed<float>(2 * kBlock * kQueries);
-    auto packed = zeroed<uint16_t>(kQueries * s.D);
-    auto acc = zeroed<float>(kQueries * s.D);
-    auto p_split = zeroed<uint16_t>(2 * kQueries * 2 * kBlock);
-    auto v_pairs = zeroed<uint32_t>(kBlock * s.D);
+    Scratch scratch(s.D);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t b = t / s.KV, h = t % s.KV, n_keys = lens[b] - first_block * kBlock;
@@ -303,8 +318,7 @@ CAI_AMX void run_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v,
         }
         continue;
       }
-      task(q, k, v, tables + b * W + first_block, n_keys, s, scale, h, b * s.G, s.G, out, lse, scores.get(),
-           packed.get(), acc.get(), p_split.get(), v_pairs.get());
+      task(q, k, v, tables + b * W + first_block, n_keys, s, scale, h, b * s.G, s.G, out, lse, scratch);
     }
     release_tiles();
   }
@@ -318,34 +332,13 @@ void paged_decode_bf16(py::array q, py::array k_cache, py::array v_cache, i32_ar
   check_ndim(q, 3, "q");
   check_ndim(k_cache, 4, "k_cache");
   check_ndim(block_tables, 2, "block_tables");
-  Shapes s{q.shape(0), q.shape(1), q.shape(2), k_cache.shape(2), 0, 0};
-  if (k_cache.shape(1) != kBlock)
-    throw std::invalid_argument("k_cache: expected blocks of " + std::to_string(kBlock) + " tokens, got " +
-                                std::to_string(k_cache.shape(1)));
-  if (s.D % 32) throw std::invalid_argument("q: head_dim must be a multiple of 32, got " + std::to_string(s.D));
-  if (s.H % s.KV || s.H / s.KV > kQueries)
-    throw std::invalid_argument("q heads must be a multiple of the cache's KV heads, at most 32 per KV head");
-  s.G = s.H / s.KV;
-  check_dim(k_cache, 3, s.D, "k_cache");
-  for (int axis = 0; axis < 4; ++axis) check_dim(v_cache, axis, k_cache.shape(axis), "v_cache");
-  for (int axis = 0; axis < 3; ++axis) check_dim(out, axis, q.shape(axis), "out");
-  check_ndim(lse, 2, "lse");
-  check_dim(lse, 0, s.R, "lse");
-  check_dim(lse, 1, s.H, "lse");
+  const Shapes s = check_operands(q, k_cache, v_cache, out, lse);
   check_dim(block_tables, 0, s.R, "block_tables");
   check_dim(context_lens, 0, s.R, "context_lens");
   if (first_block < 0) throw std::invalid_argument("first_block must be >= 0");
   const int64_t W = block_tables.shape(1), NB = k_cache.shape(0);
   const int32_t *tab = block_tables.data(), *lens = context_lens.data();
-  for (int64_t b = 0; b < s.R; ++b) {
-    if (lens[b] < 1 || (lens[b] + kBlock - 1) / kBlock > W)
-      throw std::invalid_argument("context_lens[" + std::to_string(b) + "] = " + std::to_string(lens[b]) +
-                                  " does not fit its block table of " + std::to_string(W) + " blocks");
-    for (int64_t i = first_block; i < (lens[b] + kBlock - 1) / kBlock; ++i)
-      if (tab[b * W + i] < 0 || tab[b * W + i] >= NB)
-        throw std::invalid_argument("block_tables[" + std::to_string(b) + "][" + std::to_string(i) +
-                                    "] is not a block of the cache");
-  }
+  check_block_tables(tab, lens, s.R, W, NB, kBlock, first_block);
   const uint16_t *qp = bf16_data(q, "q"), *kp = bf16_data(k_cache, "k_cache"), *vp = bf16_data(v_cache, "v_cache");
   float *op = out.mutable_data(), *lp = lse.mutable_data();
   py::gil_scoped_release nogil;

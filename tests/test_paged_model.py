@@ -151,3 +151,27 @@ def test_fused_decode_layers_equal_the_per_op_path_and_float64(monkeypatch, amx)
         exact = z.gather(1, torch.tensor(tokens)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.float64), exact, atol=2e-2, rtol=0)
         torch.testing.assert_close(torch.tensor(logprobs_op, dtype=torch.float64), exact, atol=2e-2, rtol=0)
+
+
+@pytest.mark.skipif(not _native.bf16_kernels_available(), reason="CPU lacks AVX512-BF16")
+def test_fused_decode_layer_names_bad_inputs():
+    i16 = lambda t: t.view(torch.int16).numpy()
+    d, H, KV, D, I, T = 64, 2, 1, 32, 96, 2
+    bf = lambda *shape: torch.zeros(*shape).bfloat16()
+    weights = [bf(H * D, d), bf(KV * D, d), bf(KV * D, d), bf(d, H * D), bf(I, d), bf(I, d), bf(d, I)]
+    cache = bf(8, 16, KV, D)
+    rot = torch.zeros(T, D).numpy()
+
+    def call(weights=weights, tables=((0, 1), (2, 3)), lens=(20, 20), shared=0):
+        _native.decode_layer(i16(bf(T, d)), [i16(w) for w in weights], [None] * 3, torch.ones(d).numpy(),
+                             torch.ones(d).numpy(), 1e-5, rot, rot, i16(cache), i16(cache),
+                             torch.tensor([19, 35]).numpy(), torch.tensor(tables, dtype=torch.int32).numpy(),
+                             torch.tensor(lens, dtype=torch.int32).numpy(), shared, H, 0.2)
+
+    call()  # well formed
+    with pytest.raises(ValueError, match=r"down_weight: expected size 96 on axis 1, got 95"):
+        call(weights=weights[:6] + [bf(d, I - 1)])
+    with pytest.raises(ValueError, match=r"block_tables\[1\]\[1\] is not a block of the cache"):
+        call(tables=((0, 1), (2, 9)))
+    with pytest.raises(ValueError, match="shared_blocks: row 1 does not share them"):
+        call(shared=1)

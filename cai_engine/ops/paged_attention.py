@@ -102,7 +102,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, fir
         o2, lse2 = decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, shared_blocks)
         return merge_partials(o1, lse1, o2, lse2), torch.logaddexp(lse1, lse2)
     backend = choose_backend(q)
-    if backend == "native" and _tiles_ok(q, k_cache, v_cache) and q.shape[1] // k_cache.shape[2] <= 32:
+    if backend == "native" and _tiles_ok(q, k_cache, v_cache):
         from .. import _native
         out, lse = torch.empty(q.shape, dtype=torch.float32), torch.empty(q.shape[:2], dtype=torch.float32)
         _native.paged_decode_bf16(_buffer(q.contiguous()), _buffer(k_cache), _buffer(v_cache),
@@ -126,9 +126,10 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, fir
 
 def _tiles_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the AMX attention kernels take these: bf16 queries and cache, 16-token blocks (one tile of keys),
-    head_dim a multiple of 32, on a CPU where the tile kernels are preferred."""
+    head_dim a multiple of 32, at most 32 query heads per KV head, on a CPU where the tile kernels are preferred."""
     return (q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16 and k_cache.shape[1] == 16
-            and q.shape[-1] % 32 == 0 and k_cache.is_contiguous() and v_cache.is_contiguous() and _tiles_preferred())
+            and q.shape[-1] % 32 == 0 and q.shape[1] // k_cache.shape[2] <= 32 and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and _tiles_preferred())
 
 
 def _buffer(cache: torch.Tensor):
