@@ -25,7 +25,7 @@ def path(request, monkeypatch):
         monkeypatch.setenv("CAI_ENGINE_BACKEND", "torch")
     else:
         monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
-        monkeypatch.setattr(linear_mod, "_tiles_preferred", lambda: True)  # the vectors too, on an Intel CPU
+        monkeypatch.setattr(linear_mod, "tiles_preferred", lambda: True)  # the vectors too, on an Intel CPU
     calls = []
     for name in ("linear_bf16", "gated_linear_bf16"):
         real = getattr(_native, name)
@@ -111,7 +111,7 @@ def test_saturated_gates_stay_finite(path):
 
 def test_torch_path_for_what_the_kernel_does_not_take(monkeypatch):
     """fp32, widths that are not a multiple of 32, prefill-sized row counts and autograd go to torch."""
-    monkeypatch.setattr(linear_mod, "_tiles_preferred", lambda: True)
+    monkeypatch.setattr(linear_mod, "tiles_preferred", lambda: True)
     calls = []
     real = _native.linear_bf16
     monkeypatch.setattr(_native, "linear_bf16", lambda *a, **k: (calls.append(1), real(*a, **k))[1])

@@ -313,7 +313,7 @@ def tiles(request, monkeypatch):
     """The tile kernels on AMX, or on VDPBF16PS vectors (CAI_ENGINE_AMX=0); checks they were the ones called."""
     monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
     monkeypatch.setenv("CAI_ENGINE_AMX", "0" if request.param == "vectors" else "1")
-    monkeypatch.setattr(linear_mod, "_tiles_preferred", lambda: True)
+    monkeypatch.setattr(linear_mod, "tiles_preferred", lambda: True)
     calls = []
     for name in ("paged_decode_bf16", "prefix_attention"):
         real = getattr(_native, name)

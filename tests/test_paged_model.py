@@ -120,7 +120,7 @@ def test_fused_decode_layers_equal_the_per_op_path_and_float64(monkeypatch, amx)
     if amx == "1" and not _native.amx_available():
         pytest.skip("CPU lacks AMX-BF16")
     monkeypatch.setenv("CAI_ENGINE_AMX", amx)
-    monkeypatch.setattr(linear_mod, "_tiles_preferred", lambda: True)
+    monkeypatch.setattr(linear_mod, "tiles_preferred", lambda: True)
     _, model = hf_and_ours("qwen2", False, seed=14, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
                            intermediate_size=96, max_position_embeddings=256)
     model = model.to(torch.bfloat16)

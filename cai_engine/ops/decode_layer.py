@@ -2,15 +2,16 @@
 csrc/decode_layer.cpp): the kernels the layer otherwise reaches one Python call at a time (ops.linear with its fused
 norm and residual, ops.rope.rope_store_, the tile paged / cascade attention), chained in C++. At a decode step's
 few rows the Python between those calls cost as much as their arithmetic (measured: 12-16 ms of a 27-52 ms step).
-Applies when every sequence of the step decodes one token and they form one attention group (none, or all,
-sharing leading blocks); other steps take the per-op path, which computes the same thing."""
+Applies when every sequence of the step decodes one token, they form one attention group (none, or all, sharing
+leading blocks) and there are at most ops.linear.MAX_ROWS of them; other steps take the per-op path, which computes
+the same thing."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from .backend import as_buffer, choose_backend, needs_autograd
-from .linear import _tiles_preferred
+from .linear import MAX_ROWS, tiles_preferred
 from .paged_attention import PagedBatch, step_plan
 
 
@@ -18,7 +19,8 @@ def fusable(x: Tensor, paged: PagedBatch, heads: int) -> bool:
     """Whether this step's layers can run as one call each (x [T, d], the step's residual stream)."""
     k_cache = paged.cache.k[0]
     n_kv, head_dim = k_cache.shape[2], k_cache.shape[3]
-    if not (x.dtype == k_cache.dtype == torch.bfloat16 and _tiles_preferred() and x.device.type == "cpu"
+    if not (x.dtype == k_cache.dtype == torch.bfloat16 and tiles_preferred() and x.device.type == "cpu"
+            and x.shape[0] <= MAX_ROWS  # more sequences than that: oneDNN's GEMMs win (see ops.linear)
             and k_cache.shape[1] == 16 and head_dim % 32 == 0 and x.shape[1] % 32 == 0 and heads // n_kv <= 32
             and choose_backend(x) == "native" and not needs_autograd(x)):
         return False

@@ -29,13 +29,13 @@ Norm = tuple[Tensor, float]  # an RMSNorm (weight, eps) applied to x before the 
 
 
 @functools.cache
-def _tiles_preferred() -> bool:
+def tiles_preferred() -> bool:
     from .. import _native
     return _native.bf16_kernels_preferred()
 
 
 def _native_ok(x: Tensor, weights: list[Tensor]) -> bool:
-    return (x.dtype == torch.bfloat16 and _tiles_preferred() and x.shape[-1] % TILE_K == 0
+    return (x.dtype == torch.bfloat16 and tiles_preferred() and x.shape[-1] % TILE_K == 0
             and x.numel() <= MAX_ROWS * x.shape[-1] and choose_backend(x) == "native"
             and all(w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights)
             and not needs_autograd(x, *weights))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dataclasses import dataclass, field
 
 from .backend import choose_backend
-from .linear import _tiles_preferred
+from .linear import tiles_preferred
 
 
 @dataclass(slots=True)
@@ -129,7 +129,7 @@ def _tiles_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> 
     head_dim a multiple of 32, at most 32 query heads per KV head, on a CPU where the tile kernels are preferred."""
     return (q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16 and k_cache.shape[1] == 16
             and q.shape[-1] % 32 == 0 and q.shape[1] // k_cache.shape[2] <= 32 and k_cache.is_contiguous()
-            and v_cache.is_contiguous() and _tiles_preferred())
+            and v_cache.is_contiguous() and tiles_preferred())
 
 
 def _buffer(cache: torch.Tensor):
