@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -49,4 +50,17 @@ inline FloatOrBf16 float_or_bf16(const py::array& a, py::ssize_t size, const cha
 inline void* writable(py::array& a, const char* name) {
   if (!a.writeable()) throw std::invalid_argument(std::string(name) + ": must be writable");
   return a.mutable_data();
+}
+
+// A bfloat16 buffer (its 16-bit patterns), C-contiguous, of this shape (-1: any size on that axis); else an error
+// naming it and what was expected.
+inline const uint16_t* bf16_buffer(const py::array& a, const std::vector<int64_t>& shape, const std::string& name) {
+  check_ndim(a, int(shape.size()), name.c_str());
+  for (size_t i = 0; i < shape.size(); ++i)
+    if (shape[i] >= 0) check_dim(a, int(i), shape[i], name.c_str());
+  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(name + ": must be contiguous");
+  if (a.itemsize() != 2 || a.dtype().kind() == 'f')
+    throw std::invalid_argument(name + ": expected bfloat16 (as 16-bit integers), got dtype " +
+                                std::string(py::str(a.dtype())));
+  return static_cast<const uint16_t*>(a.data());
 }

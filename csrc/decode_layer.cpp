@@ -18,16 +18,6 @@
 
 namespace {
 
-const uint16_t* bf16_of(const py::array& a, std::vector<int64_t> shape, const std::string& name) {
-  check_ndim(a, int(shape.size()), name.c_str());
-  for (size_t i = 0; i < shape.size(); ++i) check_dim(a, int(i), shape[i], name.c_str());
-  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(name + ": must be contiguous");
-  if (a.itemsize() != 2 || a.dtype().kind() == 'f')
-    throw std::invalid_argument(name + ": expected bfloat16 (as 16-bit integers), got dtype " +
-                                std::string(py::str(a.dtype())));
-  return static_cast<const uint16_t*>(a.data());
-}
-
 const float* f32_of(const py::object& o, std::vector<int64_t> shape, const std::string& name,
                     std::vector<f32_array>& keep) {
   if (o.is_none()) return nullptr;
@@ -78,12 +68,12 @@ void decode_layer(py::array x, py::list weights, py::list biases, py::array inpu
     throw std::invalid_argument("decode_layer: needs 16-token blocks, head_dim and hidden size multiples of 32, "
                                 "at most 32 query heads per KV head");
   const int64_t I = weights[4].cast<py::array>().shape(0), HD = H * D, KD = KV * D;
-  uint16_t* xp = const_cast<uint16_t*>(bf16_of(x, {T, d}, "x"));
+  uint16_t* xp = const_cast<uint16_t*>(bf16_buffer(x, {T, d}, "x"));
   if (!x.writeable()) throw std::invalid_argument("x: must be writable");
   const char* names[7] = {"q_weight", "k_weight", "v_weight", "o_weight", "gate_weight", "up_weight", "down_weight"};
   const std::vector<int64_t> shapes[7] = {{HD, d}, {KD, d}, {KD, d}, {d, HD}, {I, d}, {I, d}, {d, I}};
   const uint16_t* w[7];
-  for (int j = 0; j < 7; ++j) w[j] = bf16_of(weights[j].cast<py::array>(), shapes[j], names[j]);
+  for (int j = 0; j < 7; ++j) w[j] = bf16_buffer(weights[j].cast<py::array>(), shapes[j], names[j]);
   std::vector<f32_array> keep;
   std::vector<std::vector<float>> converted;
   const float* b[3] = {floats_of(biases[0], HD, "q_bias", converted), floats_of(biases[1], KD, "k_bias", converted),
@@ -92,8 +82,8 @@ void decode_layer(py::array x, py::list weights, py::list biases, py::array inpu
   const float* n2 = floats_of(post_norm, d, "post_norm", converted);
   const float* cp = f32_of(cos, {T, D}, "cos", keep);
   const float* sp = f32_of(sin_signed, {T, D}, "sin_signed", keep);
-  uint16_t* kc = const_cast<uint16_t*>(bf16_of(k_cache, {NB, BS, KV, D}, "k_cache"));
-  uint16_t* vc = const_cast<uint16_t*>(bf16_of(v_cache, {NB, BS, KV, D}, "v_cache"));
+  uint16_t* kc = const_cast<uint16_t*>(bf16_buffer(k_cache, {NB, BS, KV, D}, "k_cache"));
+  uint16_t* vc = const_cast<uint16_t*>(bf16_buffer(v_cache, {NB, BS, KV, D}, "v_cache"));
   check_ndim(slots, 1, "slots");
   check_dim(slots, 0, T, "slots");
   check_ndim(block_tables, 2, "block_tables");

@@ -132,17 +132,6 @@ CAI_AMX void run(const uint16_t* x, int64_t M, int64_t K, std::vector<Layer>& la
   }
 }
 
-const uint16_t* bf16_matrix(const py::array& a, int64_t rows, int64_t cols, const std::string& name) {
-  check_ndim(a, 2, name.c_str());
-  if (rows >= 0) check_dim(a, 0, rows, name.c_str());
-  if (cols >= 0) check_dim(a, 1, cols, name.c_str());
-  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(name + ": must be contiguous");
-  if (a.itemsize() != 2 || a.dtype().kind() == 'f')
-    throw std::invalid_argument(name + ": expected bfloat16 (as 16-bit integers), got dtype " +
-                                std::string(py::str(a.dtype())));
-  return reinterpret_cast<const uint16_t*>(a.data());
-}
-
 Output output(py::array& a, int64_t rows, int64_t cols, const std::string& name) {
   check_ndim(a, 2, name.c_str());
   check_dim(a, 0, rows, name.c_str());
@@ -189,7 +178,7 @@ void gated_linear_tiles(const uint16_t* x, int64_t M, int64_t K, const uint16_t*
 void linear_bf16(py::array x, py::list weights, py::list biases, py::list outs, py::object residual,
                  py::object norm_weight, float eps) {
   require_kernels();
-  const uint16_t* xp = bf16_matrix(x, -1, -1, "x");
+  const uint16_t* xp = bf16_buffer(x, {-1, -1}, "x");
   const int64_t M = x.shape(0), K = x.shape(1);
   if (weights.size() == 0 || biases.size() != weights.size() || outs.size() != weights.size())
     throw std::invalid_argument("linear_bf16: weights, biases and outs must be non-empty lists of one length");
@@ -200,12 +189,12 @@ void linear_bf16(py::array x, py::list weights, py::list biases, py::list outs, 
   for (size_t j = 0; j < weights.size(); ++j) {
     const std::string tag = "[" + std::to_string(j) + "]";
     py::array w = weights[j].cast<py::array>(), o = outs[j].cast<py::array>();
-    const uint16_t* wp = bf16_matrix(w, -1, K, "weights" + tag);
+    const uint16_t* wp = bf16_buffer(w, {-1, K}, "weights" + tag);
     const int64_t N = w.shape(0);
     layers.push_back({Head(wp, bias_of(biases[j], N, "biases" + tag, keep), N, K), output(o, M, N, "outs" + tag)});
   }
   const uint16_t* rp = nullptr;
-  if (!residual.is_none()) rp = bf16_matrix(residual.cast<py::array>(), M, layers[0].out.cols, "residual");
+  if (!residual.is_none()) rp = bf16_buffer(residual.cast<py::array>(), {M, layers[0].out.cols}, "residual");
   const Norm norm = norm_of(norm_weight, eps, K, keep);
   py::gil_scoped_release nogil;
   if (M > 0) run(xp, M, K, layers, false, rp, norm);
@@ -214,11 +203,11 @@ void linear_bf16(py::array x, py::list weights, py::list biases, py::list outs, 
 void gated_linear_bf16(py::array x, py::array gate_weight, py::array up_weight, py::array out,
                        py::object norm_weight, float eps) {
   require_kernels();
-  const uint16_t* xp = bf16_matrix(x, -1, -1, "x");
+  const uint16_t* xp = bf16_buffer(x, {-1, -1}, "x");
   const int64_t M = x.shape(0), K = x.shape(1);
-  const uint16_t* gp = bf16_matrix(gate_weight, -1, K, "gate_weight");
+  const uint16_t* gp = bf16_buffer(gate_weight, {-1, K}, "gate_weight");
   const int64_t N = gate_weight.shape(0);
-  const uint16_t* up = bf16_matrix(up_weight, N, K, "up_weight");
+  const uint16_t* up = bf16_buffer(up_weight, {N, K}, "up_weight");
   std::vector<Layer> layers;
   layers.push_back({Head(gp, nullptr, N, K), output(out, M, N, "out")});
   layers.push_back({Head(up, nullptr, N, K), Output{nullptr, false, N}});

@@ -268,14 +268,6 @@ Shapes check_operands(const py::array& q, const py::array& k_cache, const py::ar
   return s;
 }
 
-const uint16_t* bf16_data(const py::array& a, const char* name) {
-  if (a.itemsize() != 2 || a.dtype().kind() == 'f')
-    throw std::invalid_argument(std::string(name) + ": expected bfloat16 (as 16-bit integers), got dtype " +
-                                std::string(py::str(a.dtype())));
-  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(name) + ": must be contiguous");
-  return static_cast<const uint16_t*>(a.data());
-}
-
 }  // namespace
 
 void prefix_attention(py::array q, py::array k_cache, py::array v_cache, i32_array prefix, float scale, f32_out out,
@@ -291,7 +283,7 @@ void prefix_attention(py::array q, py::array k_cache, py::array v_cache, i32_arr
     if (pp[i] < 0 || pp[i] >= k_cache.shape(0))
       throw std::invalid_argument("prefix[" + std::to_string(i) + "] = " + std::to_string(pp[i]) +
                                   " is not a block of the cache");
-  const uint16_t *qp = bf16_data(q, "q"), *kp = bf16_data(k_cache, "k_cache"), *vp = bf16_data(v_cache, "v_cache");
+  const uint16_t *qp = bf16_buffer(q, {-1, -1, -1}, "q"), *kp = bf16_buffer(k_cache, {-1, -1, -1, -1}, "k_cache"), *vp = bf16_buffer(v_cache, {-1, -1, -1, -1}, "v_cache");
   float *op = out.mutable_data(), *lp = lse.mutable_data();
   py::gil_scoped_release nogil;
   if (s.R > 0 && s.P > 0) run(qp, kp, vp, pp, s, scale, op, lp);
@@ -339,7 +331,7 @@ void paged_decode_bf16(py::array q, py::array k_cache, py::array v_cache, i32_ar
   const int64_t W = block_tables.shape(1), NB = k_cache.shape(0);
   const int32_t *tab = block_tables.data(), *lens = context_lens.data();
   check_block_tables(tab, lens, s.R, W, NB, kBlock, first_block);
-  const uint16_t *qp = bf16_data(q, "q"), *kp = bf16_data(k_cache, "k_cache"), *vp = bf16_data(v_cache, "v_cache");
+  const uint16_t *qp = bf16_buffer(q, {-1, -1, -1}, "q"), *kp = bf16_buffer(k_cache, {-1, -1, -1, -1}, "k_cache"), *vp = bf16_buffer(v_cache, {-1, -1, -1, -1}, "v_cache");
   float *op = out.mutable_data(), *lp = lse.mutable_data();
   py::gil_scoped_release nogil;
   if (s.R > 0) run_decode(qp, kp, vp, tab, lens, W, first_block, s, scale, op, lp);

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dataclasses import dataclass, field
 
-from .backend import choose_backend
+from .backend import as_buffer, choose_backend
 from .linear import tiles_preferred
 
 
@@ -77,7 +77,7 @@ def _prefix_partial(q: torch.Tensor, k_cache, v_cache, prefix: torch.Tensor, sca
     if choose_backend(q) == "native" and _tiles_ok(q, k_cache, v_cache):
         from .. import _native
         out, lse = torch.empty(B, H, D), torch.empty(B, H)
-        _native.prefix_attention(_buffer(q.contiguous()), _buffer(k_cache), _buffer(v_cache),
+        _native.prefix_attention(as_buffer(q.contiguous()), as_buffer(k_cache), as_buffer(v_cache),
                                  prefix.to(torch.int32).numpy(), scale, out.numpy(), lse.numpy())
         return out, lse
     G = H // n_kv
@@ -105,7 +105,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, fir
     if backend == "native" and _tiles_ok(q, k_cache, v_cache):
         from .. import _native
         out, lse = torch.empty(q.shape, dtype=torch.float32), torch.empty(q.shape[:2], dtype=torch.float32)
-        _native.paged_decode_bf16(_buffer(q.contiguous()), _buffer(k_cache), _buffer(v_cache),
+        _native.paged_decode_bf16(as_buffer(q.contiguous()), as_buffer(k_cache), as_buffer(v_cache),
                                   block_tables.to(torch.int32).numpy(), context_lens.to(torch.int32).numpy(), scale,
                                   out.numpy(), lse.numpy(), first_block)
         return out, lse
@@ -113,7 +113,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, fir
         from .. import _native
         out = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(q.shape[:2], dtype=torch.float32)
-        _native.paged_decode(q.detach().float().contiguous().numpy(), _buffer(k_cache), _buffer(v_cache),
+        _native.paged_decode(q.detach().float().contiguous().numpy(), as_buffer(k_cache), as_buffer(v_cache),
                              block_tables.to(torch.int32).numpy(), context_lens.to(torch.int32).numpy(), scale,
                              out.numpy(), lse.numpy(), first_block)
         return out, lse
@@ -130,12 +130,6 @@ def _tiles_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> 
     return (q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16 and k_cache.shape[1] == 16
             and q.shape[-1] % 32 == 0 and q.shape[1] // k_cache.shape[2] <= 32 and k_cache.is_contiguous()
             and v_cache.is_contiguous() and tiles_preferred())
-
-
-def _buffer(cache: torch.Tensor):
-    """A cache as the native kernels take it: float32 as is, bfloat16 as its 16-bit patterns (numpy has no
-    bfloat16; the kernel widens them to float32 in registers)."""
-    return cache.detach().view(torch.int16).numpy() if cache.dtype == torch.bfloat16 else cache.detach().numpy()
 
 
 def _decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, first_block):
