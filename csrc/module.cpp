@@ -64,11 +64,12 @@ PYBIND11_MODULE(_native, m) {
         py::arg("prefix"), py::arg("scale"), py::arg("out"), py::arg("lse"),
         "Cascade attention's shared part: every query row against the same prefix blocks of a bf16 cache (16-token "
         "blocks), read in place; writes each row's normalised partial output and log-sum-exp (float32).");
-  m.def("paged_decode_bf16", &paged_decode_bf16, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+  m.def("paged_attention_bf16", &paged_attention_bf16, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("out"), py::arg("lse"),
-        py::arg("first_block") = 0,
-        "paged_decode for a bf16 cache of 16-token blocks and bf16 queries, scores on AMX tiles (or VDPBF16PS), "
-        "fp32 softmax and P V.");
+        py::arg("first_block") = 0, py::arg("query_lens") = py::none(),
+        "Paged attention for a bf16 cache of 16-token blocks and bf16 queries: each sequence's newest query_lens[b] "
+        "tokens (default 1, a decode step) over its blocks from first_block on, causal among them; scores on AMX "
+        "tiles (or VDPBF16PS), fp32 softmax and P V; writes float32 outputs and log-sum-exps.");
   m.def("decode_layer", &decode_layer, py::arg("x"), py::arg("weights"), py::arg("biases"), py::arg("input_norm"),
         py::arg("post_norm"), py::arg("eps"), py::arg("cos"), py::arg("sin_signed"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slots"), py::arg("block_tables"), py::arg("context_lens"),

@@ -315,7 +315,7 @@ def tiles(request, monkeypatch):
     monkeypatch.setenv("CAI_ENGINE_AMX", "0" if request.param == "vectors" else "1")
     monkeypatch.setattr(linear_mod, "tiles_preferred", lambda: True)
     calls = []
-    for name in ("paged_decode_bf16", "prefix_attention"):
+    for name in ("paged_attention_bf16", "prefix_attention"):
         real = getattr(_native, name)
         monkeypatch.setattr(_native, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
     yield calls
@@ -343,7 +343,7 @@ def test_tile_decode_matches_float64(tiles, heads, n_kv, head_dim, first_block):
     q = torch.randn(len(lengths), heads, head_dim, generator=torch.Generator().manual_seed(7)).bfloat16()
     out, lse = paged_mod.decode_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(lengths), 0.3,
                                           first_block=first_block)
-    assert tiles == ["paged_decode_bf16"]
+    assert tiles == ["paged_attention_bf16"]
     for b, n in enumerate(lengths):
         first = first_block * 16
         if n <= first:  # nothing past first_block: an empty partial
@@ -355,11 +355,12 @@ def test_tile_decode_matches_float64(tiles, heads, n_kv, head_dim, first_block):
         torch.testing.assert_close(lse[b:b + 1].double(), ref_lse, **TILE_TOL)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 40])
-@pytest.mark.parametrize("blocks", [1, 3, 4])
+@pytest.mark.parametrize("rows", [1, 5, 40, 50])
+@pytest.mark.parametrize("blocks", [1, 3, 4, 37])
 def test_tile_prefix_partial_matches_float64(tiles, rows, blocks):
     """Every query row against shared prefix blocks (odd counts leave a half-empty pair; 40 rows x 3 heads per KV
-    head fill four 32-row tasks, the last one partly)."""
+    head fill four 32-row groups, the last one partly; 50 rows need two tasks per KV head; few rows over 37 blocks
+    split the keys between tasks and merge the parts)."""
     cache, tables, keys, values = fill_cache([blocks * 16], 16, n_kv=2, head_dim=32, num_blocks=40,
                                              dtype=torch.bfloat16, seed=9)
     q = torch.randn(rows, 6, 32, generator=torch.Generator().manual_seed(8)).bfloat16()
@@ -368,6 +369,31 @@ def test_tile_prefix_partial_matches_float64(tiles, rows, blocks):
     ref_out, ref_lse = dense_partial(q, keys[0].bfloat16(), values[0].bfloat16(), 0.2)
     torch.testing.assert_close(out.double(), ref_out, **TILE_TOL)
     torch.testing.assert_close(lse.double(), ref_lse, **TILE_TOL)
+
+
+@pytest.mark.parametrize("first_block", [0, 1])
+def test_tile_chunks_match_float64(tiles, first_block):
+    """Prefill chunks through the tile kernel: each sequence's newest tokens over its keys from first_block on,
+    causal among them (a decode row, a chunk after cached tokens, 70 tokens x 3 heads = two 128-row tasks per KV
+    head, a whole prompt)."""
+    lengths, query_lens = [20, 70, 150, 50], [1, 13, 70, 34]
+    cache, tables, keys, values = fill_cache(lengths, 16, n_kv=2, head_dim=32, num_blocks=30, dtype=torch.bfloat16,
+                                             seed=11)
+    q = torch.randn(sum(query_lens), 6, 32, generator=torch.Generator().manual_seed(12)).bfloat16()
+    out, lse = torch.empty(q.shape), torch.empty(q.shape[:2])
+    _native.paged_attention_bf16(q.view(torch.int16).numpy(), cache.k[0].view(torch.int16).numpy(),
+                                 cache.v[0].view(torch.int16).numpy(), tables.numpy(),
+                                 torch.tensor(lengths, dtype=torch.int32).numpy(), 0.25, out.numpy(), lse.numpy(),
+                                 first_block, torch.tensor(query_lens, dtype=torch.int32).numpy())
+    row, first = 0, first_block * 16
+    for b, (n, n_q) in enumerate(zip(lengths, query_lens)):
+        for i in range(n_q):  # token i of the chunk sits at position n - n_q + i and sees keys up to it
+            end = n - n_q + i + 1
+            ref_out, ref_lse = dense_partial(q[row:row + 1], keys[b][first:end].bfloat16(),
+                                             values[b][first:end].bfloat16(), 0.25)
+            torch.testing.assert_close(out[row:row + 1].double(), ref_out, **TILE_TOL)
+            torch.testing.assert_close(lse[row:row + 1].double(), ref_lse, **TILE_TOL)
+            row += 1
 
 
 def test_tile_cascade_step_matches_dense(tiles):
@@ -380,7 +406,7 @@ def test_tile_cascade_step_matches_dense(tiles):
         q = torch.randn(sum(query_lens), 6, 32, generator=g).bfloat16()
         got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
         assert_dense(got, q, query_lens, keys, values, 32 ** -0.5, tolerance=BF16_TOLERANCE)
-    assert "prefix_attention" in tiles and "paged_decode_bf16" in tiles
+    assert "prefix_attention" in tiles and "paged_attention_bf16" in tiles
 
 
 @pytest.mark.skipif(not _native.bf16_kernels_available(), reason="CPU lacks AVX512-BF16")
@@ -397,5 +423,12 @@ def test_tile_kernels_name_bad_inputs():
                                  out.numpy(), lse.numpy())
     tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"context_lens\[1\] = 40 does not fit its block table of 2 blocks"):
-        _native.paged_decode_bf16(i16(q), i16(cache), i16(cache), tables.numpy(),
-                                  torch.tensor([5, 40], dtype=torch.int32).numpy(), 1.0, out.numpy(), lse.numpy())
+        _native.paged_attention_bf16(i16(q), i16(cache), i16(cache), tables.numpy(),
+                                     torch.tensor([5, 40], dtype=torch.int32).numpy(), 1.0, out.numpy(), lse.numpy())
+    lens = torch.tensor([5, 20], dtype=torch.int32).numpy()
+    with pytest.raises(ValueError, match=r"query_lens\[0\] = 0: expected 1 to context_lens\[b\]"):
+        _native.paged_attention_bf16(i16(q), i16(cache), i16(cache), tables.numpy(), lens, 1.0, out.numpy(),
+                                     lse.numpy(), 0, torch.tensor([0, 2], dtype=torch.int32).numpy())
+    with pytest.raises(ValueError, match=r"q: expected 3 rows \(the query tokens\), got 2"):
+        _native.paged_attention_bf16(i16(q), i16(cache), i16(cache), tables.numpy(), lens, 1.0, out.numpy(),
+                                     lse.numpy(), 0, torch.tensor([1, 2], dtype=torch.int32).numpy())

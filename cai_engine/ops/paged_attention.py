@@ -105,9 +105,9 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, fir
     if backend == "native" and _tiles_ok(q, k_cache, v_cache):
         from .. import _native
         out, lse = torch.empty(q.shape, dtype=torch.float32), torch.empty(q.shape[:2], dtype=torch.float32)
-        _native.paged_decode_bf16(as_buffer(q.contiguous()), as_buffer(k_cache), as_buffer(v_cache),
-                                  block_tables.to(torch.int32).numpy(), context_lens.to(torch.int32).numpy(), scale,
-                                  out.numpy(), lse.numpy(), first_block)
+        _native.paged_attention_bf16(as_buffer(q.contiguous()), as_buffer(k_cache), as_buffer(v_cache),
+                                     block_tables.to(torch.int32).numpy(), context_lens.to(torch.int32).numpy(), scale,
+                                     out.numpy(), lse.numpy(), first_block)
         return out, lse
     if backend == "native" and k_cache.dtype in (torch.float32, torch.bfloat16) and k_cache.is_contiguous():
         from .. import _native
@@ -255,9 +255,22 @@ PREFIX_ROWS_PER_GEMM = 256  # query rows scored against the shared prefix at onc
 
 def _cascade_prefill(q, out, k_cache, v_cache, prefix, spans, tables, first: int, scale) -> None:
     """Prefill chunks that all start past the shared blocks `prefix` (tokens [0, first)): every chunk's
-    queries meet the prefix keys in batched GEMMs (the prefix is read once, not once per chunk), each
-    chunk its own later keys causally; the partials merge through their log-sum-exps."""
+    queries meet the prefix keys together (the prefix is read once, not once per chunk), each chunk its own
+    later keys causally; the partials merge through their log-sum-exps. On AMX CPUs both parts are one tile kernel
+    call each for all the chunks."""
     index = torch.cat([torch.arange(start, start + n, device=q.device) for start, n, _ in spans])
+    if choose_backend(q) == "native" and _tiles_ok(q, k_cache, v_cache):
+        from .. import _native
+        q_rows = q[index]
+        o_pre, lse_pre = _prefix_partial(q_rows, k_cache, v_cache, prefix, scale)
+        o_own, lse_own = torch.empty(q_rows.shape), torch.empty(q_rows.shape[:2])
+        _native.paged_attention_bf16(as_buffer(q_rows), as_buffer(k_cache), as_buffer(v_cache),
+                                     torch.stack(tables).to(torch.int32).numpy(),
+                                     torch.tensor([n_ctx for _, _, n_ctx in spans], dtype=torch.int32).numpy(), scale,
+                                     o_own.numpy(), lse_own.numpy(), first // k_cache.shape[1],
+                                     torch.tensor([n_q for _, n_q, _ in spans], dtype=torch.int32).numpy())
+        out[index] = merge_partials(o_pre, lse_pre, o_own, lse_own).to(out.dtype)
+        return
     parts = [_prefix_partial(q[index[i:i + PREFIX_ROWS_PER_GEMM]], k_cache, v_cache, prefix, scale)
              for i in range(0, len(index), PREFIX_ROWS_PER_GEMM)]
     o_pre, lse_pre = torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
