@@ -305,14 +305,51 @@ struct Head {
   float bias_at(int64_t v) const { return bias ? bias[v] : 0.f; }
 };
 
+// r[0..16) (rows of 16 32-bit words) transposed in registers: r[i] lane j becomes r[j] lane i.
+CAI_AMX inline void transpose16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {  // 32-bit interleave of row pairs
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // b[g + c], 128-bit lane L: column 4 L + c of rows g..g+3
+    b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
+    b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
+    b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+    b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // 4 x 4 transpose of 128-bit lanes: column 4 L + c gathers lane L of each group
+    const __m512i y0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), y1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i y2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512i y3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(y0, y2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(y0, y2, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(y1, y3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(y1, y3, 0xDD);
+  }
+}
+
 // Hidden states as B operands: by 16-token blocks with K pairs as rows ([Np/16][Kp/2][16] pairs) for the
-// logit tiles (and the linear layers).
-inline Buffer<uint32_t> pack_tokens_by_k(const uint16_t* h, int64_t N, int64_t d, int64_t Np, int64_t Kp) {
+// logit tiles (and the linear layers): per 16 tokens x 16 pairs, one register transpose of their 32-bit pairs.
+CAI_AMX inline Buffer<uint32_t> pack_tokens_by_k(const uint16_t* h, int64_t N, int64_t d, int64_t Np, int64_t Kp) {
   auto out = zeroed<uint32_t>(Np * Kp / 2);
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.get());
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < d; ++k) o[((n / 16) * (Kp / 2) * 16 + (k / 2) * 16 + n % 16) * 2 + k % 2] = h[n * d + k];
+  if (d % 32) {  // pairs straddle the 16-pair blocks: element by element
+    uint16_t* o = reinterpret_cast<uint16_t*>(out.get());
+#pragma omp parallel for schedule(static) if (N > 256)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < d; ++k) o[((n / 16) * (Kp / 2) * 16 + (k / 2) * 16 + n % 16) * 2 + k % 2] = h[n * d + k];
+    return out;
+  }
+#pragma omp parallel for schedule(static) if (N > 256)
+  for (int64_t n0 = 0; n0 < N; n0 += 16)
+    for (int64_t k0 = 0; k0 < d; k0 += 32) {
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i)  // tokens past N: zeros
+        r[i] = n0 + i < N ? _mm512_loadu_si512(h + (n0 + i) * d + k0) : _mm512_setzero_si512();
+      transpose16(r);
+      uint32_t* dst = out.get() + (n0 / 16) * (Kp / 2) * 16 + (k0 / 2) * 16;
+      for (int64_t j = 0; j < 16; ++j) _mm512_storeu_si512(dst + j * 16, r[j]);
+    }
   return out;
 }
 

@@ -46,30 +46,6 @@ struct Scratch {
         v_t(zeroed<uint32_t>(D * kBlock)) {}
 };
 
-// r[0..16) (rows of 16 32-bit words) transposed in registers: r[i] lane j becomes r[j] lane i.
-CAI_AMX inline void transpose16(__m512i r[16]) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 16; i += 2) {  // 32-bit interleave of row pairs
-    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int g = 0; g < 16; g += 4) {  // b[g + c], 128-bit lane L: column 4 L + c of rows g..g+3
-    b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
-    b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
-    b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
-    b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {  // 4 x 4 transpose of 128-bit lanes: column 4 L + c gathers lane L of each group
-    const __m512i y0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), y1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
-    const __m512i y2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
-    const __m512i y3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_i32x4(y0, y2, 0x88);
-    r[4 + c] = _mm512_shuffle_i32x4(y0, y2, 0xDD);
-    r[8 + c] = _mm512_shuffle_i32x4(y1, y3, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(y1, y3, 0xDD);
-  }
-}
-
 // V^T of a 32-key chunk as the A operand of O^T += V^T P^T: v_t[D rows][16 key pairs] (a pair = keys 2p, 2p + 1 of
 // one dim), each 16-dim slice one transpose of the keys' pair words. Keys past the end: any finite row (weight 0).
 CAI_AMX void pack_v_transposed(const uint16_t* v, const int32_t* blocks, int64_t keys, int64_t h, const Shapes& s,
@@ -291,70 +267,81 @@ CAI_AMX void group_task(const uint16_t* q, const uint16_t* k, const uint16_t* v,
   }
 }
 
-constexpr int64_t kFewRows = 4;   // rows per KV head the FMA path takes
-constexpr int64_t kHeadsAtOnce = 8;  // KV heads the FMA path walks together (a token's K / V rows read in one go)
+constexpr int64_t kFewRows = 4;  // rows per KV head the FMA path takes
+constexpr int64_t kHeadsAtOnce = 8;  // KV heads it takes together (their queries packed in Scratch::packed)
 
-// Rows i0 .. i0 + n (n <= kFewRows, a decoding sequence's few query heads) for KV heads [h0, h1) (h1 - h0 <=
-// kHeadsAtOnce): scores on half the tiles, an online softmax and P V in fp32 FMAs (cheaper than 32-row tiles when so
-// few rows are real). The heads take turns chunk by chunk, so each 16-token block's K and V rows (all heads side by
-// side in the cache) are used while in cache, and the next chunk's rows are requested ahead: one head at a time
+// Rows i0 .. i0 + n (n <= kFewRows, a decoding sequence's few query heads) for KV heads [h0, h1) ((h1 - h0) n <= 16, h1 - h0 <= kHeadsAtOnce):
+// scores on half the tiles, an online softmax and P V in fp32 FMAs (cheaper than 32-row tiles when so few rows are
+// real). All the heads share one 16-lane score vector (head hh's rows in lanes hh n ..): each head's queries sit in
+// its own lanes of its B operand, zeros elsewhere, so its K tile adds only to its lanes, and one max / exp / sum
+// serves every head. The heads take turns chunk by chunk, so each 16-token block's K and V rows (all heads side
+// by side in the cache) are used while in cache, and the next chunk's rows are requested ahead: one head at a time
 // read a third of every row and waited on memory most of the time.
 CAI_AMX void few_rows_task(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* blocks,
                            int64_t n_keys, const Shapes& s, float scale, int64_t i0, int64_t n, int64_t h0, int64_t h1,
                            float* out, float* lse, Scratch& scratch) {
   const int64_t D = s.D, heads = h1 - h0;
   float *scores = scratch.scores.get(), *acc = scratch.acc.get();
-  uint16_t* packed = scratch.packed.get();  // per head: the first 16 query columns of pack_queries' layout
-  for (int64_t hh = 0; hh < heads; ++hh) pack_queries(q, s, Rows{h0 + hh, i0, n}, 0, packed + hh * 16 * D);
-  std::fill(acc, acc + heads * kFewRows * D, 0.f);
-  __m512 m[kHeadsAtOnce], l[kHeadsAtOnce];
-  for (int64_t hh = 0; hh < heads; ++hh) {
-    m[hh] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    l[hh] = _mm512_setzero_ps();
-  }
-  const __m512 sc = _mm512_set1_ps(scale);
-  const Shapes rows_of_heads{s.R, s.H, (h1 - h0) * D, 1, s.G, s.P};  // a token's rows of heads h0..h1 as one "head"
-  const int64_t head_offset = h0 * D;
-  prefetch_chunk(k + head_offset, blocks, 0, n_keys, 0, rows_of_heads, s.KV * D);
-  for (int64_t b = 0; b * kBlock < n_keys; b += 2) {
-    prefetch_chunk(v + head_offset, blocks, b, n_keys, 0, rows_of_heads, s.KV * D);
-    prefetch_chunk(k + head_offset, blocks, b + 2, n_keys, 0, rows_of_heads, s.KV * D);
-    for (int64_t hh = 0; hh < heads; ++hh) {
-      const int64_t h = h0 + hh;
-      const int64_t keys = score_chunk(k, blocks, b, n_keys, h, s, packed + hh * 16 * D, 1, scores);
-      // online softmax, 16 queries per vector; scores become probabilities (relative to the new max) in place
-      __m512 cm = m[hh];
-      for (int64_t t = 0; t < keys; ++t) cm = _mm512_max_ps(cm, _mm512_mul_ps(_mm512_loadu_ps(scores + t * kQueries), sc));
-      const __m512 alpha = exp_nonpositive16(_mm512_sub_ps(m[hh], cm));  // first block: exp(-inf) = 0
-      __m512 sum = _mm512_mul_ps(l[hh], alpha);
-      for (int64_t t = 0; t < keys; ++t) {
-        const __m512 p = exp_nonpositive16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(scores + t * kQueries), sc), cm));
-        _mm512_storeu_ps(scores + t * kQueries, p);
-        sum = _mm512_add_ps(sum, p);
-      }
-      m[hh] = cm;
-      l[hh] = sum;
-      float alphas[16];
-      _mm512_storeu_ps(alphas, alpha);
-      float* head_acc = acc + hh * kFewRows * D;
-      switch (n) {  // every row at once: V read once per key
-        case 4: few_rows_times_v<4>(scores, alphas, v, blocks + b, keys, h, s, 0, head_acc); break;
-        case 3: few_rows_times_v<3>(scores, alphas, v, blocks + b, keys, h, s, 0, head_acc); break;
-        case 2: few_rows_times_v<2>(scores, alphas, v, blocks + b, keys, h, s, 0, head_acc); break;
-        default: few_rows_times_v<1>(scores, alphas, v, blocks + b, keys, h, s, 0, head_acc);
-      }
-    }
-  }
-  for (int64_t hh = 0; hh < heads; ++hh) {
-    float ms[16], ls[16];
-    _mm512_storeu_ps(ms, m[hh]);
-    _mm512_storeu_ps(ls, l[hh]);
-    const Rows rows{h0 + hh, i0, n};
+  uint16_t* packed = scratch.packed.get();  // per head: [D / 2 pairs][16 lanes][2], its rows in its lanes
+  std::fill(packed, packed + heads * 16 * D, uint16_t(0));
+  for (int64_t hh = 0; hh < heads; ++hh)
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t head = rows.head(s, j);
-      finish_row(acc + (hh * kFewRows + j) * D, 1, ms[j], ls[j], D, out + head * D, lse + head);
+      const uint16_t* row = q + Rows{h0 + hh, i0, n}.head(s, j) * D;
+      uint16_t* dst = packed + hh * 16 * D + (hh * n + j) * 2;
+      for (int64_t c = 0; c < D; c += 2) {
+        dst[c * 16] = row[c];
+        dst[c * 16 + 1] = row[c + 1];
+      }
+    }
+  std::fill(acc, acc + 16 * D, 0.f);
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), l = _mm512_setzero_ps();
+  const __m512 sc = _mm512_set1_ps(scale);
+  const int64_t kv_row = s.KV * D, block_elems = kBlock * kv_row;
+  const Shapes rows_of_heads{s.R, s.H, heads * D, 1, s.G, s.P};  // a token's rows of heads h0..h1 as one "head"
+  const int64_t head_offset = h0 * D;
+  prefetch_chunk(k + head_offset, blocks, 0, n_keys, 0, rows_of_heads, kv_row);
+  for (int64_t b = 0; b * kBlock < n_keys; b += 2) {
+    prefetch_chunk(v + head_offset, blocks, b, n_keys, 0, rows_of_heads, kv_row);
+    prefetch_chunk(k + head_offset, blocks, b + 2, n_keys, 0, rows_of_heads, kv_row);
+    const int64_t keys = std::min<int64_t>(2 * kBlock, n_keys - b * kBlock);
+    for (int64_t hh = 0; hh < heads; ++hh) {  // S^T for every head's lanes, accumulated
+      const uint16_t* k0 = k + blocks[b] * block_elems + (h0 + hh) * D;
+      const uint16_t* k1 = keys > kBlock ? k + blocks[b + 1] * block_elems + (h0 + hh) * D : k0;  // past the end: masked
+      tile_2x1(k0, kv_row * 2, 64, packed + hh * 16 * D, D * 32, 64, 1024, D / 32, scores, kQueries * 4, (k1 - k0) * 2,
+               hh > 0);
+    }
+    // online softmax, 16 lanes per vector; scores become probabilities (relative to the new max) in place
+    __m512 cm = m;
+    for (int64_t t = 0; t < keys; ++t) cm = _mm512_max_ps(cm, _mm512_mul_ps(_mm512_loadu_ps(scores + t * kQueries), sc));
+    const __m512 alpha = exp_nonpositive16(_mm512_sub_ps(m, cm));  // first block: exp(-inf) = 0
+    __m512 sum = _mm512_mul_ps(l, alpha);
+    for (int64_t t = 0; t < keys; ++t) {
+      const __m512 p = exp_nonpositive16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(scores + t * kQueries), sc), cm));
+      _mm512_storeu_ps(scores + t * kQueries, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    m = cm;
+    l = sum;
+    float alphas[16];
+    _mm512_storeu_ps(alphas, alpha);
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      const int64_t h = h0 + hh, r0 = hh * n;
+      switch (n) {  // every row of the head at once: V read once per key
+        case 4: few_rows_times_v<4>(scores, alphas, v, blocks + b, keys, h, s, r0, acc); break;
+        case 3: few_rows_times_v<3>(scores, alphas, v, blocks + b, keys, h, s, r0, acc); break;
+        case 2: few_rows_times_v<2>(scores, alphas, v, blocks + b, keys, h, s, r0, acc); break;
+        default: few_rows_times_v<1>(scores, alphas, v, blocks + b, keys, h, s, r0, acc);
+      }
     }
   }
+  float ms[16], ls[16];
+  _mm512_storeu_ps(ms, m);
+  _mm512_storeu_ps(ls, l);
+  for (int64_t hh = 0; hh < heads; ++hh)
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t head = Rows{h0 + hh, i0, n}.head(s, j), lane = hh * n + j;
+      finish_row(acc + lane * D, 1, ms[lane], ls[lane], D, out + head * D, lse + head);
+    }
 }
 
 // Tasks: (KV head, up to kGroups x 32 rows, a range of the prefix's key chunks). With few rows (decode steps) the
@@ -492,9 +479,9 @@ CAI_AMX void run_paged(const uint16_t* q, const uint16_t* k, const uint16_t* v, 
         continue;
       }
       if (task.h < 0) {
-        for (int64_t h0 = 0; h0 < s.KV; h0 += kHeadsAtOnce)
-          few_rows_task(q, k, v, blocks, n_keys, s, scale, task.i0, task.n, h0, std::min(s.KV, h0 + kHeadsAtOnce), out,
-                        lse, scratch);
+        for (int64_t h0 = 0, step = std::min(kHeadsAtOnce, 16 / s.G); h0 < s.KV; h0 += step)
+          few_rows_task(q, k, v, blocks, n_keys, s, scale, task.i0, task.n, h0, std::min(s.KV, h0 + step), out, lse,
+                        scratch);
       } else {
         // the sequence's first new token sits at key n_keys - n_q of the range; row i is token i / G
         const int64_t n_q = query_lens ? query_lens[task.b] : 1;

@@ -334,9 +334,11 @@ def dense_partial(q, k, v, scale):
 TILE_TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("heads,n_kv,head_dim", [(6, 2, 32), (16, 2, 64), (4, 4, 64)])
+@pytest.mark.parametrize("heads,n_kv,head_dim", [(6, 2, 32), (16, 2, 64), (4, 4, 64), (20, 5, 32), (12, 12, 32)])
 @pytest.mark.parametrize("first_block", [0, 2])
 def test_tile_decode_matches_float64(tiles, heads, n_kv, head_dim, first_block):
+    """Decode rows: a sequence's KV heads share one score vector, as many as its 16 lanes hold (5 KV heads of 4
+    rows take two passes, 12 of one row take 8 + 4); 8 rows per KV head take the tile path."""
     lengths = [1, 15, 16, 17, 33, 100]
     cache, tables, keys, values = fill_cache(lengths, 16, n_kv=n_kv, head_dim=head_dim, num_blocks=40,
                                              dtype=torch.bfloat16)
