@@ -12,7 +12,7 @@
 
 #include "bf16_tiles.h"
 #include "linear_bf16.h"
-#include "prefix_attention.h"
+#include "tile_attention.h"
 #include "rope.h"
 #include "vecmath.h"
 

@@ -8,7 +8,7 @@
 #include "logprob_bf16.h"
 #include "paged_attention.h"
 #include "pm_loss.h"
-#include "prefix_attention.h"
+#include "tile_attention.h"
 #include "rms_norm.h"
 #include "rope.h"
 #include "rowstats.h"

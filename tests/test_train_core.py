@@ -369,3 +369,27 @@ def test_ctrl_c_prints_how_to_resume_without_a_traceback(tmp_path, pm_setup):
     assert proc.returncode == 130, out
     assert "interrupted: run the same command again to resume" in out and "Traceback" not in out
     assert not [p for p in (run / "pm").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("when", ["as mkdir returns", "inside the write"])
+def test_an_interrupted_folder_write_leaves_nothing_behind(tmp_path, monkeypatch, when):
+    """Ctrl-C at either point of write_folder (CI once caught one as the temporary folder's mkdir returned):
+    no hidden temporary folder stays, the interrupt goes on up, and no final folder appears."""
+    from cai_engine.train import checkpoints as ckpt
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_interrupt(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if ".tmp-" in self.name:
+            raise KeyboardInterrupt
+
+    def write(directory: Path) -> None:
+        (directory / "weights.bin").write_bytes(b"x" * 100)
+        if when == "inside the write":
+            raise KeyboardInterrupt
+
+    if when == "as mkdir returns":
+        monkeypatch.setattr(Path, "mkdir", mkdir_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_folder(tmp_path, "checkpoint-3", write)
+    assert list(tmp_path.iterdir()) == []

@@ -34,8 +34,9 @@ def write_folder(root: Path, name: str, write: Callable[[Path], None]) -> Path:
     final = root / name
     tmp = root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()  # mode 0777 & ~umask: readable by the group and others as the umask allows
     try:
+        # inside the try: a Ctrl-C delivered as mkdir returns (seen in CI) must not leave the folder behind
+        tmp.mkdir()  # mode 0777 & ~umask: readable by the group and others as the umask allows
         write(tmp)
         for path in sorted(tmp.rglob("*")):
             if path.is_file():

@@ -1,6 +1,7 @@
-// Cascade attention's shared part on CPU: every query row of a step against the same prefix blocks (a few-shot
-// prefix, or the prompt of n samples), each K/V row read once per task of up to 128 query rows instead of gathered,
-// widened to fp32 and multiplied by BLAS once per layer and step.
+// Attention over the paged bf16 cache on AMX tiles (CPU), two entry points:
+// - prefix_attention: a cascade's shared part, every query row of a step against the same prefix blocks (a
+//   few-shot prefix, the prompt of n samples), each K/V row read once per task of up to 128 query rows;
+// - paged_attention_bf16: each sequence's own blocks, for its decode row or its causal prefill chunk.
 //
 // Per (KV head, up to 4 groups of 32 query rows, a range of keys): scores S^T = K Q^T on AMX tiles (bf16 products
 // are exact in fp32; a 16-row A tile is one 16-token cache block read in place, the queries packed as the VNNI B
@@ -8,8 +9,8 @@
 // (fp32: max, sum, LSE) is lane-wise, and two consecutive key rows interleave straight into the VNNI B operand of
 // O^T += V^T P^T, whose A operand V^T is packed once per chunk for all the task's groups. Decoding sequences' few
 // rows (at most 4 per KV head) take an online softmax and P V in fp32 FMAs instead. Outputs: each row's normalised
-// partial output and its log-sum-exp, to merge with the sequence's own part.
-#include "prefix_attention.h"
+// output and its log-sum-exp, to merge with the other part of a cascade.
+#include "tile_attention.h"
 
 #include <cmath>
 #include <limits>
