@@ -146,9 +146,11 @@ inline void pack_queries(const uint16_t* q, const Shapes& s, const Rows& rows, i
 }
 
 // S^T = K Q^T for keys [16 b, 16 b + 32) of `blocks` into scores [32 keys][32 queries] (a 16-row A tile is one cache
-// block read in place); `halves` 1 computes the first 16 queries only. Returns the chunk's key count.
+// block read in place); `halves` 1 computes the first 16 queries only, and may add to the scores already there.
+// Returns the chunk's key count.
 CAI_AMX inline int64_t score_chunk(const uint16_t* k, const int32_t* blocks, int64_t b, int64_t n_keys, int64_t h,
-                                   const Shapes& s, const uint16_t* packed, int halves, float* scores) {
+                                   const Shapes& s, const uint16_t* packed, int halves, float* scores,
+                                   bool accumulate = false) {
   const int64_t D = s.D, kv_row = s.KV * D, block_elems = kBlock * kv_row;
   const int64_t keys = std::min<int64_t>(2 * kBlock, n_keys - b * kBlock);
   const uint16_t* k0 = k + blocks[b] * block_elems + h * D;
@@ -156,22 +158,23 @@ CAI_AMX inline int64_t score_chunk(const uint16_t* k, const int32_t* blocks, int
   if (halves == 2)
     tile_2x2(k0, kv_row * 2, 64, packed, D * 32, 64, 1024, D / 32, scores, kQueries * 4, false, nullptr, (k1 - k0) * 2);
   else
-    tile_2x1(k0, kv_row * 2, 64, packed, D * 32, 64, 1024, D / 32, scores, kQueries * 4, (k1 - k0) * 2);
+    tile_2x1(k0, kv_row * 2, 64, packed, D * 32, 64, 1024, D / 32, scores, kQueries * 4, (k1 - k0) * 2, accumulate);
   return keys;
 }
 
-// Requests the K or V rows of head h for the chunk at block b (32 keys, 2 cache lines each for head_dim 64) while
-// the current chunk computes: the chunks' blocks are scattered in the cache, so the hardware prefetcher does not
-// see them coming, and tile loads and widening loads straight from memory stalled (a quarter of the kernel's time).
+// Requests `width` elements from `offset` of each K or V row of the chunk at block b (one head: 2 cache lines for
+// head_dim 64; or several heads, or the whole row) while the current chunk computes: the chunks' blocks are
+// scattered in the cache, so the hardware prefetcher does not see them coming, and tile loads and widening loads
+// straight from memory stalled (a quarter of the kernel's time).
 template <_mm_hint Hint = _MM_HINT_T0>
-inline void prefetch_chunk(const uint16_t* cache, const int32_t* blocks, int64_t b, int64_t n_keys, int64_t h,
-                           const Shapes& s, int64_t kv_row) {
+inline void prefetch_chunk(const uint16_t* cache, const int32_t* blocks, int64_t b, int64_t n_keys, const Shapes& s,
+                           int64_t offset, int64_t width) {
   if (b * kBlock >= n_keys) return;
-  const int64_t keys = std::min<int64_t>(2 * kBlock, n_keys - b * kBlock);
+  const int64_t kv_row = s.KV * s.D, keys = std::min<int64_t>(2 * kBlock, n_keys - b * kBlock);
   for (int64_t t = 0; t < keys; ++t) {
     const char* row = reinterpret_cast<const char*>(cache + blocks[b + t / kBlock] * kBlock * kv_row +
-                                                    (t % kBlock) * kv_row + h * s.D);
-    for (int64_t line = 0; line < s.D * 2; line += 64) _mm_prefetch(row + line, Hint);
+                                                    (t % kBlock) * kv_row + offset);
+    for (int64_t line = 0; line < width * 2; line += 64) _mm_prefetch(row + line, Hint);
   }
 }
 
@@ -221,7 +224,7 @@ CAI_AMX void group_task(const uint16_t* q, const uint16_t* k, const uint16_t* v,
     return causal ? _mm512_cmp_ps_mask(_mm512_set1_ps(float(key)), last_key[g][half], _CMP_LE_OQ) : __mmask16(0xffff);
   };
   for (int64_t b = 0; b * kBlock < task_keys; b += 2) {
-    prefetch_chunk(k, blocks, b + 2, task_keys, rows.h, s, s.KV * s.D);
+    prefetch_chunk(k, blocks, b + 2, task_keys, s, rows.h * s.D, s.D);
     for (int64_t g = 0; g < groups; ++g) {
       if (b * kBlock >= group_keys[g]) continue;
       const int halves = halves_of(g);
@@ -234,8 +237,8 @@ CAI_AMX void group_task(const uint16_t* q, const uint16_t* k, const uint16_t* v,
   }
   for (int64_t b = 0; b * kBlock < task_keys; b += 2) {
     const int64_t keys = std::min<int64_t>(2 * kBlock, n_keys - b * kBlock);
-    if (b == 0) prefetch_chunk(v, blocks, 0, task_keys, rows.h, s, s.KV * s.D);
-    prefetch_chunk(v, blocks, b + 2, task_keys, rows.h, s, s.KV * s.D);  // K of the chunk is still in cache from the first pass
+    if (b == 0) prefetch_chunk(v, blocks, 0, task_keys, s, rows.h * s.D, s.D);
+    prefetch_chunk(v, blocks, b + 2, task_keys, s, rows.h * s.D, s.D);  // K of the chunk is still in cache from the first pass
     pack_v_transposed(v, blocks + b, keys, rows.h, s, scratch.v_t.get());
     for (int64_t g = 0; g < groups; ++g) {
       if (b * kBlock >= group_keys[g]) continue;
@@ -298,20 +301,13 @@ CAI_AMX void few_rows_task(const uint16_t* q, const uint16_t* k, const uint16_t*
   std::fill(acc, acc + 16 * D, 0.f);
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), l = _mm512_setzero_ps();
   const __m512 sc = _mm512_set1_ps(scale);
-  const int64_t kv_row = s.KV * D, block_elems = kBlock * kv_row;
-  const Shapes rows_of_heads{s.R, s.H, heads * D, 1, s.G, s.P};  // a token's rows of heads h0..h1 as one "head"
-  const int64_t head_offset = h0 * D;
-  prefetch_chunk(k + head_offset, blocks, 0, n_keys, 0, rows_of_heads, kv_row);
+  prefetch_chunk(k, blocks, 0, n_keys, s, h0 * D, heads * D);  // heads h0..h1 side by side in each row
   for (int64_t b = 0; b * kBlock < n_keys; b += 2) {
-    prefetch_chunk(v + head_offset, blocks, b, n_keys, 0, rows_of_heads, kv_row);
-    prefetch_chunk(k + head_offset, blocks, b + 2, n_keys, 0, rows_of_heads, kv_row);
-    const int64_t keys = std::min<int64_t>(2 * kBlock, n_keys - b * kBlock);
-    for (int64_t hh = 0; hh < heads; ++hh) {  // S^T for every head's lanes, accumulated
-      const uint16_t* k0 = k + blocks[b] * block_elems + (h0 + hh) * D;
-      const uint16_t* k1 = keys > kBlock ? k + blocks[b + 1] * block_elems + (h0 + hh) * D : k0;  // past the end: masked
-      tile_2x1(k0, kv_row * 2, 64, packed + hh * 16 * D, D * 32, 64, 1024, D / 32, scores, kQueries * 4, (k1 - k0) * 2,
-               hh > 0);
-    }
+    prefetch_chunk(v, blocks, b, n_keys, s, h0 * D, heads * D);
+    prefetch_chunk(k, blocks, b + 2, n_keys, s, h0 * D, heads * D);
+    int64_t keys = 0;
+    for (int64_t hh = 0; hh < heads; ++hh)  // S^T for every head's lanes, accumulated
+      keys = score_chunk(k, blocks, b, n_keys, h0 + hh, s, packed + hh * 16 * D, 1, scores, hh > 0);
     // online softmax, 16 lanes per vector; scores become probabilities (relative to the new max) in place
     __m512 cm = m;
     for (int64_t t = 0; t < keys; ++t) cm = _mm512_max_ps(cm, _mm512_mul_ps(_mm512_loadu_ps(scores + t * kQueries), sc));
@@ -476,9 +472,8 @@ CAI_AMX void run_paged(const uint16_t* q, const uint16_t* k, const uint16_t* v, 
         const Task& next = tasks[t + threads];
         const int64_t next_keys = lens[next.b] - first_block * kBlock;
         const int32_t* next_blocks = tables + next.b * W + first_block;
-        const Shapes row{s.R, s.H, s.KV * s.D, 1, s.G, s.P};
-        prefetch_chunk<_MM_HINT_T1>(k, next_blocks, 0, next_keys, 0, row, s.KV * s.D);
-        prefetch_chunk<_MM_HINT_T1>(v, next_blocks, 0, next_keys, 0, row, s.KV * s.D);
+        prefetch_chunk<_MM_HINT_T1>(k, next_blocks, 0, next_keys, s, 0, s.KV * s.D);
+        prefetch_chunk<_MM_HINT_T1>(v, next_blocks, 0, next_keys, s, 0, s.KV * s.D);
       }
       if (n_keys <= 0) {  // no key past first_block: an empty partial (0, -inf)
         for (int64_t i = task.i0; i < task.i0 + task.n; ++i)
