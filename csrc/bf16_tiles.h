@@ -329,6 +329,20 @@ CAI_AMX inline void transpose16(__m512i r[16]) {
   }
 }
 
+// Tokens [n0, n0 + 16) of h (rows `stride` elements apart; tokens past N as zeros) into their block of the B operand
+// layout below ([Np/16][Kp/2][16] pairs), d a multiple of 32: per 16 pairs, one register transpose of 32-bit pairs.
+CAI_AMX inline void pack_block_by_k(const uint16_t* h, int64_t stride, int64_t n0, int64_t N, int64_t d, int64_t Kp,
+                                    uint32_t* out) {
+  for (int64_t k0 = 0; k0 < d; k0 += 32) {
+    __m512i r[16];
+    for (int64_t i = 0; i < 16; ++i)
+      r[i] = n0 + i < N ? _mm512_loadu_si512(h + (n0 + i) * stride + k0) : _mm512_setzero_si512();
+    transpose16(r);
+    uint32_t* dst = out + (n0 / 16) * (Kp / 2) * 16 + (k0 / 2) * 16;
+    for (int64_t j = 0; j < 16; ++j) _mm512_storeu_si512(dst + j * 16, r[j]);
+  }
+}
+
 // Hidden states as B operands: by 16-token blocks with K pairs as rows ([Np/16][Kp/2][16] pairs) for the
 // logit tiles (and the linear layers): per 16 tokens x 16 pairs, one register transpose of their 32-bit pairs.
 CAI_AMX inline Buffer<uint32_t> pack_tokens_by_k(const uint16_t* h, int64_t N, int64_t d, int64_t Np, int64_t Kp) {
@@ -341,15 +355,7 @@ CAI_AMX inline Buffer<uint32_t> pack_tokens_by_k(const uint16_t* h, int64_t N, i
     return out;
   }
 #pragma omp parallel for schedule(static) if (N > 256)
-  for (int64_t n0 = 0; n0 < N; n0 += 16)
-    for (int64_t k0 = 0; k0 < d; k0 += 32) {
-      __m512i r[16];
-      for (int64_t i = 0; i < 16; ++i)  // tokens past N: zeros
-        r[i] = n0 + i < N ? _mm512_loadu_si512(h + (n0 + i) * d + k0) : _mm512_setzero_si512();
-      transpose16(r);
-      uint32_t* dst = out.get() + (n0 / 16) * (Kp / 2) * 16 + (k0 / 2) * 16;
-      for (int64_t j = 0; j < 16; ++j) _mm512_storeu_si512(dst + j * 16, r[j]);
-    }
+  for (int64_t n0 = 0; n0 < N; n0 += 16) pack_block_by_k(h, d, n0, N, d, Kp, out.get());
   return out;
 }
 

@@ -1,5 +1,6 @@
 #include <pybind11/stl.h>
 
+#include "attention_backward.h"
 #include "block_manager.h"
 #include "common.h"
 #include "decode_layer.h"
@@ -70,6 +71,12 @@ PYBIND11_MODULE(_native, m) {
         "Paged attention for a bf16 cache of 16-token blocks and bf16 queries: each sequence's newest query_lens[b] "
         "tokens (default 1, a decode step) over its blocks from first_block on, causal among them; scores on AMX "
         "tiles (or VDPBF16PS), fp32 softmax and P V; writes float32 outputs and log-sum-exps.");
+  m.def("attention_backward_bf16", &attention_backward_bf16, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("grad_out"), py::arg("lse"), py::arg("mask"), py::arg("causal"), py::arg("scale"), py::arg("grad_q"),
+        py::arg("grad_k"), py::arg("grad_v"),
+        "Attention backward for training (bf16 q [B, T, H, D], k / v [B, S, KV, D], the forward's out and float32 "
+        "lse [B, T, H]; additive mask [1 or B, T, S] or none, causal or not): writes grad_q, grad_k, grad_v (bf16). "
+        "Probabilities recomputed per 32 x 32 tile on AMX (or VDPBF16PS), fp32 accumulation.");
   m.def("decode_layer", &decode_layer, py::arg("x"), py::arg("weights"), py::arg("biases"), py::arg("input_norm"),
         py::arg("post_norm"), py::arg("eps"), py::arg("cos"), py::arg("sin_signed"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slots"), py::arg("block_tables"), py::arg("context_lens"),

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from ..ops.attention import attention
 from ..ops.decode_layer import decode_layer_, fusable
 from ..ops.linear import gated_linear, linear, linears
 from ..ops.paged_attention import PagedBatch, paged_attention
@@ -120,7 +121,7 @@ class Attention(nn.Module):
             out = self._flash_varlen(q, k, v, ctx.varlen)
         else:
             causal = ctx.mask is None and T > 1
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal, enable_gqa=True)
+            out = attention(q, k, v, mask=ctx.mask, causal=causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def paged(self, x: torch.Tensor, ctx: AttentionInputs, norm: RMSNorm) -> torch.Tensor:
