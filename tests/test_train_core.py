@@ -393,3 +393,32 @@ def test_an_interrupted_folder_write_leaves_nothing_behind(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         ckpt.write_folder(tmp_path, "checkpoint-3", write)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("max_norm", [0.05, 1e9])  # clipping on, and off
+def test_scale_and_clip_equals_scaling_then_clipping(fused, max_norm):
+    """The loop's one-pass gradient scaling + clipping (the factor applied inside fused AdamW) steps the weights as
+    multiplying the gradients, clipping them with torch and stepping would."""
+    from cai_engine.train.optim import scale_and_clip_
+    torch.manual_seed(0)
+    weights = [torch.randn(300, 7), torch.randn(11)]
+    grads = [torch.randn_like(w) for w in weights]
+    stepped, norms = [], []
+    for ours in (True, False):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        # eps as large as the gradients: the update depends on their scale (at eps ~0 one Adam step would not)
+        optimizer = torch.optim.AdamW(params, lr=0.1, eps=1.0, fused=fused, foreach=None if fused else True)
+        if ours:
+            norms.append(scale_and_clip_(optimizer, params, 0.25, max_norm, sharded=False))
+        else:
+            for p in params:
+                p.grad.mul_(0.25)
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        optimizer.step()
+        stepped.append(params)
+    assert norms[0] == pytest.approx(norms[1], rel=1e-6)
+    for a, b in zip(*stepped):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-6)

@@ -26,7 +26,7 @@ from . import checkpoints as ckpt
 from .config import CheckpointSection, OptimizerSection, RunConfig, diff, stage_key
 from .distributed import (all_reduce_sum, barrier, gradient_sync, is_main, is_sharded, rank, shard_optimizer_state,
                           whole_optimizer_state, whole_weights, world_size, wrap_model)
-from .optim import lr_factor, make_optimizer
+from .optim import lr_factor, make_optimizer, scale_and_clip_
 from .precision import Precision, resolve_device, resolve_precision
 
 
@@ -193,6 +193,7 @@ def run_training(task: TrainTask, settings: LoopSettings, log: Callable[[str], N
         f"; disk: {disk_plan(task, settings)}")
 
     params = [p for p in model.parameters() if p.requires_grad]
+    sharded = is_sharded(model)
     bar = _progress(task, step, settings)
     start = time.perf_counter()
 
@@ -244,11 +245,8 @@ def run_training(task: TrainTask, settings: LoopSettings, log: Callable[[str], N
                     sums[key] = sums.get(key, 0.0) + float(v)
             total_weight = all_reduce_sum(weight)
             scale = world_size() / max(total_weight, 1e-12)  # DDP averages over ranks; we want the sum / weight
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
             max_norm = settings.optimizer.max_grad_norm or float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = scale_and_clip_(optimizer, params, scale, max_norm, sharded)
             if not math.isfinite(grad_norm):
                 raise TrainingError(f"{task.name} step {step + 1}: the gradient norm is {grad_norm} on the batch of "
                                     f"examples {sum(micro_batches, [])}; stopped without writing a checkpoint "
