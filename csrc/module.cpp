@@ -57,6 +57,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("out"), py::arg("norm_weight") = py::none(), py::arg("eps") = 0.f,
         "out = silu(h @ gate_weight.T) * (h @ up_weight.T) from bf16 operands, rounded once; h = rms_norm(x) with "
         "norm_weight, else x.");
+  m.def("rope_rows", &rope_rows, py::arg("x"), py::arg("cos"), py::arg("sin_signed"), py::arg("out"),
+        py::arg("inverse") = false,
+        "Rotate x [N, heads, D] (RoPE, rotate-half layout; sin's first half negated) into out by the float32 cos and "
+        "sin_signed [N, D]; inverse rotates back (the rotation's gradient). fp32 arithmetic, one rounding.");
   m.def("rope_store", &rope_store, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin_signed"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
         "Rotate q [T, H, D] and k [T, KV, D] in place (RoPE, rotate-half layout; sin's first half negated) and write "

@@ -9,16 +9,17 @@
 
 namespace {
 
+// sign -1 rotates back (the angle negated): the gradient of the rotation.
 CAI_MULTIVERSION void rotate_rows(FloatOrBf16 x, void* out, int64_t offset, int64_t heads, int64_t D,
-                                  const float* cos, const float* sin) {
+                                  const float* cos, const float* sin, float sign = 1.f) {
   std::vector<float> row(D), rotated(D);
   const int64_t half = D / 2;
   for (int64_t h = 0; h < heads; ++h) {
     load_floats(x.data, x.bf16, offset + h * D, D, row.data());
 #pragma omp simd
     for (int64_t i = 0; i < half; ++i) {
-      rotated[i] = row[i] * cos[i] + row[i + half] * sin[i];
-      rotated[i + half] = row[i + half] * cos[i + half] + row[i] * sin[i + half];
+      rotated[i] = row[i] * cos[i] + row[i + half] * (sign * sin[i]);
+      rotated[i + half] = row[i + half] * cos[i + half] + row[i] * (sign * sin[i + half]);
     }
     store_floats(rotated.data(), D, out, x.bf16, offset + h * D);
   }
@@ -77,4 +78,23 @@ void rope_store_rows(FloatOrBf16 q, void* q_out, FloatOrBf16 k, void* k_out, Flo
     copy_row({k_out, k.bf16}, t * KV * D, k_cache, k_cache_bf16, slots[t] * KV * D, KV * D);
     copy_row(v, t * KV * D, v_cache, v_cache_bf16, slots[t] * KV * D, KV * D);
   }
+}
+
+void rope_rows(py::array x, f32_array cos, f32_array sin_signed, py::array out, bool inverse) {
+  check_ndim(x, 3, "x");
+  const int64_t N = x.shape(0), heads = x.shape(1), D = x.shape(2);
+  if (D % 2) throw std::invalid_argument("x: head_dim must be even, got " + std::to_string(D));
+  check_ndim(cos, 2, "cos");
+  check_dim(cos, 0, N, "cos");
+  check_dim(cos, 1, D, "cos");
+  check_ndim(sin_signed, 2, "sin_signed");
+  check_dim(sin_signed, 0, N, "sin_signed");
+  check_dim(sin_signed, 1, D, "sin_signed");
+  const FloatOrBf16 xb = float_or_bf16(x, N * heads * D, "x"), ob = float_or_bf16(out, N * heads * D, "out");
+  if (xb.bf16 != ob.bf16) throw std::invalid_argument("out: expected the dtype of x");
+  void* op = writable(out, "out");
+  const float *cp = cos.data(), *sp = sin_signed.data();
+  py::gil_scoped_release nogil;
+#pragma omp parallel for schedule(static) if (N > 16)
+  for (int64_t n = 0; n < N; ++n) rotate_rows(xb, op, n * heads * D, heads, D, cp + n * D, sp + n * D, inverse ? -1.f : 1.f);
 }

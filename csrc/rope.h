@@ -11,3 +11,6 @@ void rope_store(py::array q, py::array k, py::array v, f32_array cos, f32_array 
 void rope_store_rows(FloatOrBf16 q, void* q_out, FloatOrBf16 k, void* k_out, FloatOrBf16 v, int64_t T, int64_t H,
                      int64_t KV, int64_t D, const float* cos, const float* sin_signed, void* k_cache, bool k_cache_bf16,
                      void* v_cache, bool v_cache_bf16, const int64_t* slots);
+// Training's rotation: x [N, heads, D] (float32 or bfloat16) rotated into out (same shape and dtype) by cos and
+// sin_signed [N, D] float32, one row of positions per N; inverse rotates back (the gradient). fp32, one rounding.
+void rope_rows(py::array x, f32_array cos, f32_array sin_signed, py::array out, bool inverse);

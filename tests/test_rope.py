@@ -61,3 +61,45 @@ def test_a_slot_outside_the_cache_is_refused(monkeypatch):
     cache = torch.zeros(3, 4, 2, 8)
     with pytest.raises(ValueError, match=r"slots\[1\] = 12 is not a row of the cache \(12 rows\)"):
         rope_store_(q, k, k.clone(), cos, sin, cache, cache.clone(), torch.tensor([0, 12]))
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_rotation_and_its_gradient_match_float64(monkeypatch, backend, dtype):
+    """ops.rope (the decoder's rotation under autograd) on q as the projections lay it out ([B, heads, T, D] views of
+    [B, T, heads, D] rows): values and the gradient (the inverse rotation) against float64."""
+    from cai_engine.ops.rope import rope
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", backend)
+    B, T, H, D = 2, 7, 3, 16
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(B, T, H, D, generator=g, dtype=torch.float64).to(dtype).double()
+    grad64 = torch.randn(B, T, H, D, generator=g, dtype=torch.float64).to(dtype).double()
+    positions = torch.randint(0, 5000, (B, T), generator=g)
+    cos, sin = rotations(positions.flatten().tolist(), D)
+    cos, sin = cos.view(B, T, D), sin.view(B, T, D)
+    x = x64.to(dtype).transpose(1, 2).requires_grad_()
+    out = rope(x, cos.float(), sin.float())
+    (grad_x,) = torch.autograd.grad(out, x, grad64.to(dtype).transpose(1, 2))
+    flat = lambda t: t.reshape(B * T, H, D)
+    expected = rotate64(flat(x64), cos.view(B * T, D), sin.view(B * T, D)).view(B, T, H, D).transpose(1, 2)
+    expected_grad = rotate64(flat(grad64), cos.view(B * T, D), -sin.view(B * T, D)).view(B, T, H, D).transpose(1, 2)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-6)
+    assert out.dtype == grad_x.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, **tol)
+    torch.testing.assert_close(grad_x.double(), expected_grad, **tol)
+
+
+def test_training_rotation_has_the_engine_steps_bits(monkeypatch):
+    """A token's rotated q carries the same bits whether the decoder (training, evaluation) or the engine rotates."""
+    from cai_engine.ops.rope import rope
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
+    T, H, D = 9, 4, 32
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(T, H, D, generator=g).bfloat16()
+    cos, sin = (t.float() for t in rotations(list(range(100, 100 + T)), D))
+    decoder = rope(q[None].transpose(1, 2), cos[None], sin[None]).transpose(1, 2)[0]
+    k_cache = torch.zeros(4, 4, 1, D, dtype=torch.bfloat16)
+    engine, _ = rope_store_(q.clone(), torch.zeros(T, 1, D, dtype=torch.bfloat16),
+                            torch.zeros(T, 1, D, dtype=torch.bfloat16), cos, sin, k_cache, k_cache.clone(),
+                            torch.arange(T))
+    assert torch.equal(decoder, engine)

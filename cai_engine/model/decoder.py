@@ -19,7 +19,7 @@ from ..ops.decode_layer import decode_layer_, fusable
 from ..ops.linear import gated_linear, linear, linears
 from ..ops.paged_attention import PagedBatch, paged_attention
 from ..ops.rms_norm import rms_norm
-from ..ops.rope import apply_rope, rope_store_
+from ..ops.rope import rope, rope_store_
 from ..ops.swiglu import swiglu
 
 try:  # optional GPU extra
@@ -70,7 +70,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 class AttentionInputs:
     """Per-forward attention context shared by every layer."""
     cos: torch.Tensor                     # [B, T, head_dim] ([T, head_dim], float32, in the engine's step)
-    sin: torch.Tensor                     # sin with its first half negated (see apply_rope)
+    sin: torch.Tensor                     # sin with its first half negated (see ops.rope.apply_rope)
     mask: torch.Tensor | None = None      # [B, 1, T, S]: bool (True = attend) or additive; None = causal
     varlen: tuple | None = None           # (token index, cu_seqlens, max_len) for flash-attn
     cache: "KVCache | None" = None
@@ -113,8 +113,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = ctx.cos.unsqueeze(1), ctx.sin.unsqueeze(1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rope(q, ctx.cos, ctx.sin), rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
         if ctx.varlen is not None:
@@ -279,9 +278,8 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype), sin.to(dtype)
 
     def _attention_inputs(self, x, position_ids, attention_mask, segment_ids, attn_mask, cache) -> AttentionInputs:
-        # in the matmul dtype, as q and k come out of their projections: under autocast an fp32 rotation would
-        # turn bf16 q and k into fp32 copies that attention casts back (the sampler rotates in bf16 too)
-        cos, sin = self._rotations(position_ids, compute_dtype(x))
+        # fp32: ops.rope rotates in fp32 and rounds once to q's and k's dtype (bf16 under autocast), as the engine does
+        cos, sin = self._rotations(position_ids, torch.float32)
         ctx = AttentionInputs(cos=cos, sin=sin, cache=cache)
         B, T = position_ids.shape
         if cache is None and attention_mask is None and segment_ids is None and attn_mask is None and T == 1:
@@ -313,7 +311,7 @@ class Transformer(nn.Module):
         diag = torch.arange(offset, offset + T, device=x.device)[:, None] == torch.arange(offset + T, device=x.device)
         # additive, in the matmul dtype, made once per forward: SDPA would convert a bool mask in every layer and
         # autograd would keep each layer's converted copy
-        ctx.mask = torch.zeros(mask.shape, dtype=cos.dtype, device=x.device).masked_fill_(~(mask | diag), float("-inf"))
+        ctx.mask = torch.zeros(mask.shape, dtype=compute_dtype(x), device=x.device).masked_fill_(~(mask | diag), float("-inf"))
         return ctx
 
 
