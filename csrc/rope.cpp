@@ -31,6 +31,15 @@ void copy_row(FloatOrBf16 src, int64_t src_offset, void* dst, bool dst_bf16, int
   store_floats(row.data(), n, dst, dst_bf16, dst_offset);
 }
 
+void check_rotations(const f32_array& cos, const f32_array& sin_signed, int64_t rows, int64_t D) {
+  check_ndim(cos, 2, "cos");
+  check_dim(cos, 0, rows, "cos");
+  check_dim(cos, 1, D, "cos");
+  check_ndim(sin_signed, 2, "sin_signed");
+  check_dim(sin_signed, 0, rows, "sin_signed");
+  check_dim(sin_signed, 1, D, "sin_signed");
+}
+
 }  // namespace
 
 void rope_store(py::array q, py::array k, py::array v, f32_array cos, f32_array sin_signed, py::array k_cache,
@@ -45,12 +54,7 @@ void rope_store(py::array q, py::array k, py::array v, f32_array cos, f32_array 
   check_dim(k, 2, D, "k");
   check_dim(k_cache, 2, KV, "k_cache");
   check_dim(k_cache, 3, D, "k_cache");
-  check_ndim(cos, 2, "cos");
-  check_dim(cos, 0, T, "cos");
-  check_dim(cos, 1, D, "cos");
-  check_ndim(sin_signed, 2, "sin_signed");
-  check_dim(sin_signed, 0, T, "sin_signed");
-  check_dim(sin_signed, 1, D, "sin_signed");
+  check_rotations(cos, sin_signed, T, D);
   check_ndim(slots, 1, "slots");
   check_dim(slots, 0, T, "slots");
   const FloatOrBf16 qb = float_or_bf16(q, T * H * D, "q"), kb = float_or_bf16(k, T * KV * D, "k"),
@@ -84,12 +88,7 @@ void rope_rows(py::array x, f32_array cos, f32_array sin_signed, py::array out, 
   check_ndim(x, 3, "x");
   const int64_t N = x.shape(0), heads = x.shape(1), D = x.shape(2);
   if (D % 2) throw std::invalid_argument("x: head_dim must be even, got " + std::to_string(D));
-  check_ndim(cos, 2, "cos");
-  check_dim(cos, 0, N, "cos");
-  check_dim(cos, 1, D, "cos");
-  check_ndim(sin_signed, 2, "sin_signed");
-  check_dim(sin_signed, 0, N, "sin_signed");
-  check_dim(sin_signed, 1, D, "sin_signed");
+  check_rotations(cos, sin_signed, N, D);
   const FloatOrBf16 xb = float_or_bf16(x, N * heads * D, "x"), ob = float_or_bf16(out, N * heads * D, "out");
   if (xb.bf16 != ob.bf16) throw std::invalid_argument("out: expected the dtype of x");
   void* op = writable(out, "out");
