@@ -1,6 +1,6 @@
 #include <pybind11/stl.h>
 
-#include "attention_backward.h"
+#include "dense_attention.h"
 #include "block_manager.h"
 #include "common.h"
 #include "decode_layer.h"
@@ -75,6 +75,10 @@ PYBIND11_MODULE(_native, m) {
         "Paged attention for a bf16 cache of 16-token blocks and bf16 queries: each sequence's newest query_lens[b] "
         "tokens (default 1, a decode step) over its blocks from first_block on, causal among them; scores on AMX "
         "tiles (or VDPBF16PS), fp32 softmax and P V; writes float32 outputs and log-sum-exps.");
+  m.def("attention_forward_bf16", &attention_forward_bf16, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
+        py::arg("causal"), py::arg("scale"), py::arg("out"), py::arg("lse"),
+        "Attention for training (bf16 q [B, T, H, D], k / v [B, S, KV, D]; additive mask [1 or B, T, S] or none, causal "
+        "or not): writes out (bf16) and the rows' log-sum-exp lse [B, T, H] (float32), which the backward takes.");
   m.def("attention_backward_bf16", &attention_backward_bf16, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("grad_out"), py::arg("lse"), py::arg("mask"), py::arg("causal"), py::arg("scale"), py::arg("grad_q"),
         py::arg("grad_k"), py::arg("grad_v"),

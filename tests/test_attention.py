@@ -1,4 +1,4 @@
-"""ops.attention: the training attention's native bf16 backward against a float64 reference.
+"""ops.attention: the decoder's native bf16 attention (forward and backward) against a float64 reference.
 
 Tolerance: the largest error of each gradient, relative to its largest entry, stays under 1e-2. Every gradient is
 rounded to bf16 once (2^-9 relative), and P and dS are bf16 operands of the products (as in GPU FlashAttention), which
@@ -106,11 +106,31 @@ def test_mask_and_causal_together_and_rows_that_see_only_themselves():
 
 
 @needs_bf16
-def test_forward_is_torchs_and_other_dtypes_take_torchs_backward():
-    q, k, v, grad = inputs(2, 6, 2, 50, 50, 64)
+def test_forward_is_as_close_as_torchs_and_the_same_with_and_without_autograd():
+    q, k, v, grad = inputs(4, 9, 3, 200, 200, 64)
+    exact = reference(q.double(), k.double(), v.double(), None, True)
     ours = attention(q, k, v, causal=True)
-    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    assert torch.equal(ours, theirs)  # the same kernel: training and evaluation score with the same bits
+    with torch.no_grad():
+        assert torch.equal(attention(q, k, v, causal=True), ours)  # evaluation scores with training's bits
+        theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    error = lambda out: float((out.double() - exact).abs().mean())
+    assert error(ours) <= 1.1 * error(theirs)  # both are one bf16 rounding of an fp32 result, about 5e-4
+
+
+@needs_bf16
+def test_a_row_that_sees_no_key_gets_zeros_not_nans():
+    q, k, v, grad = inputs(1, 4, 2, 40, 40, 64)
+    allow = torch.ones(1, 1, 40, 40, dtype=torch.bool)
+    allow[..., 7, :] = False
+    out = attention(q, k, v, mask=allow)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert out[:, :, 7].abs().max() == 0 and all(g.isfinite().all() for g in grads)
+    assert grads[0][:, :, 7].abs().max() == 0
+
+
+@needs_bf16
+def test_other_dtypes_take_torchs_attention():
+    q, k, v, grad = inputs(2, 6, 2, 50, 50, 64)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     got = torch.autograd.grad(attention(q32, k32, v32, causal=True), (q32, k32, v32), grad.float())
     q32b, k32b, v32b = (t.detach().clone().requires_grad_() for t in (q32, k32, v32))

@@ -1,12 +1,12 @@
-"""attention: the decoder's causal or masked self-attention while training, with our backward on CPU.
+"""attention: the decoder's causal or masked self-attention (training and evaluation), ours in bf16 on CPU.
 
-The forward is torch's fused CPU kernel (flash attention, which also returns each row's log-sum-exp); torch's CPU
-backward of it takes 5-6x the forward's time in bf16 (15 ms against 2.5 ms per SmolLM2 layer at 4 x 384 tokens:
-more than all the layer's matmuls). Under bf16 on CPUs with AVX512-BF16 the backward is ours
-(`csrc/attention_backward.cpp`: probabilities recomputed per 32 x 32 tile from the log-sum-exp, every product on
-AMX tiles with fp32 accumulation, tiles the mask hides skipped). Everywhere else (fp32, CUDA, where torch's
-flash / cuDNN kernels are already fused both ways, no grad, or CAI_ENGINE_BACKEND=torch) this is
-`F.scaled_dot_product_attention`, which is also the reference the tests hold ours to.
+Torch's CPU flash backward takes 5-6x its forward's time in bf16 (15 ms against 2.5 ms per SmolLM2 layer at
+4 x 384 tokens: more than all the layer's matmuls). Under bf16 on CPUs with AVX512-BF16 both directions are ours
+(`csrc/dense_attention.cpp`): the forward an online softmax over 32 x 32 tiles that also returns each row's
+log-sum-exp; the backward recomputes the probabilities per tile from it; every product on AMX tiles with fp32
+accumulation, tiles the mask hides skipped. Everywhere else (fp32, CUDA, where torch's flash / cuDNN kernels are
+already fused both ways, or CAI_ENGINE_BACKEND=torch) this is `F.scaled_dot_product_attention`, which is also the
+reference the tests hold ours to.
 """
 from __future__ import annotations
 
@@ -49,34 +49,36 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causa
     """softmax(scale q k^T + mask) v for q [B, H, T, D] and k, v [B, KV, S, D] (grouped-query: H a multiple of KV):
     [B, H, T, D]. mask: [B or 1, 1, T, S], additive or bool (True = may attend); causal: key s <= query t."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if (choose_backend(q) != "native" or not needs_autograd(q, k, v)
-            or not _native_fits(q, k, v, mask, causal)):
+    if choose_backend(q) != "native" or not _native_fits(q, k, v, mask, causal):
         return attention_reference(q, k, v, mask, causal, scale)
     if mask is not None:
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         mask = mask.expand(mask.shape[0], 1, q.shape[2], k.shape[2])
-    out, _ = _attention_op(q, k, v, mask, causal, scale)
+    # without autograd (evaluation, reference models) the same kernel directly: the same bits as in training
+    out, _ = (_attention_op if needs_autograd(q, k, v) else _forward)(q, k, v, mask, causal, scale)
     return out
 
 
-@functools.cache
-def _flash_takes_groups() -> bool:
-    """Whether this torch's CPU flash kernel takes fewer KV heads than query heads (recent releases do)."""
-    q, kv = torch.zeros(1, 2, 1, 32, dtype=torch.bfloat16), torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16)
-    try:
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, 0.0, False)
-    except RuntimeError:
-        return False
-    return True
+def _rows(t: Tensor) -> Tensor:
+    """[B, heads, T, D] as the kernels' [B, T, heads, D] rows: the projections' own layout, so a view, not a copy."""
+    return t.transpose(1, 2).to(torch.bfloat16).contiguous()
+
+
+def _mask_rows(mask: Tensor | None):
+    if mask is None:
+        return None
+    return as_buffer((mask[:1] if mask.stride(0) == 0 else mask)[:, 0].contiguous())
 
 
 def _forward(q, k, v, mask, causal, scale):
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1 and not _flash_takes_groups():
-        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
-                                                                       scale=scale)
+    from .. import _native
+    B, H, T, D = q.shape
+    out = torch.empty(B, T, H, D, dtype=torch.bfloat16)
+    lse = torch.empty(B, T, H, dtype=torch.float32)
+    _native.attention_forward_bf16(as_buffer(_rows(q)), as_buffer(_rows(k)), as_buffer(_rows(v)), _mask_rows(mask),
+                                   causal, scale, as_buffer(out), lse.numpy())
+    return out.transpose(1, 2), lse.transpose(1, 2)
 
 
 @torch.library.custom_op("cai_engine::attention", mutates_args=())
@@ -102,18 +104,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, mask = ctx.saved_tensors
-    # the kernel's layouts: [B, T, heads, D] rows (the projections' own, so these are views, not copies)
-    rows = lambda t: t.transpose(1, 2).to(torch.bfloat16).contiguous()
-    q_rows, k_rows, v_rows, out_rows, grad_rows = (rows(t) for t in (q, k, v, out, grad_out))
+    q_rows, k_rows, v_rows = _rows(q), _rows(k), _rows(v)
     grad_q, grad_k, grad_v = torch.empty_like(q_rows), torch.empty_like(k_rows), torch.empty_like(v_rows)
-    mask_rows = None
-    if mask is not None:
-        mask_rows = (mask[:1] if mask.stride(0) == 0 else mask)[:, 0].contiguous()
     from .. import _native
     _native.attention_backward_bf16(
-        as_buffer(q_rows), as_buffer(k_rows), as_buffer(v_rows), as_buffer(out_rows), as_buffer(grad_rows),
-        lse.transpose(1, 2).float().contiguous().numpy(), None if mask_rows is None else as_buffer(mask_rows),
-        ctx.causal, ctx.scale, as_buffer(grad_q), as_buffer(grad_k), as_buffer(grad_v))
+        as_buffer(q_rows), as_buffer(k_rows), as_buffer(v_rows), as_buffer(_rows(out)), as_buffer(_rows(grad_out)),
+        lse.transpose(1, 2).contiguous().numpy(), _mask_rows(mask), ctx.causal, ctx.scale, as_buffer(grad_q),
+        as_buffer(grad_k), as_buffer(grad_v))
     return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2), None, None, None
 
 

@@ -1,18 +1,24 @@
-// Attention backward for training on AMX tiles (CPU, bf16): the gradients of O = softmax(scale Q K^T + mask) V with
-// respect to Q, K and V, FlashAttention-2 style: the probabilities are recomputed from the forward's log-sum-exp one
-// 32-key x 32-query tile at a time and never stored, so a layer's backward holds no [T, S] tensor.
+// Attention over dense [B, T, heads, D] rows on AMX tiles (CPU, bf16): the decoder's self-attention in training and
+// evaluation, forward and backward (the engine's paged kernels are in tile_attention.cpp). Both directions work on
+// 32-key x 32-query tiles, skip the tiles a mask or causality hides entirely, and accumulate in fp32.
 //
-// A task is one (batch, KV head, share of its 32-key blocks). For each key block, against each query head of the
-// group and each 32-row query block that sees the block:
+// Forward, per (batch, KV head, share of the query blocks): for each query head of the group and query block, an
+// online softmax over the visible key blocks: S^T = K Q^T on tiles (in this orientation a vector holds one key for 16
+// queries, so the running max and sum are lane-wise), O^T += V^T P^T with P^T's key pairs interleaved into the VNNI
+// B operand, O^T rescaled when a row's max moves; out = O / sum and lse = max + log(sum) per row.
+//
+// Backward (FlashAttention-2's recomputation: the probabilities come back from the lse, one tile at a time, never
+// stored), per (batch, KV head, share of its key blocks). For each key block, against each query head of the group
+// and each 32-row query block that sees the block:
 //   S^T = K Q^T, dP^T = V dO^T             A: the task's K / V rows; B: Q / dO packed by head dim (VNNI)
-//   P^T = exp(scale S^T + mask^T - lse)    fp32, lane-wise: in this orientation a vector holds one key for 16 queries
+//   P^T = exp(scale S^T + mask^T - lse)    fp32, lane-wise
 //   dS^T = scale P^T (dP^T - delta)        delta = rowsum(dO * O) per query (FlashAttention-2's D)
 //   dV += P^T dO, dK += dS^T Q             A: P^T / dS^T rounded to bf16 rows; B: dO / Q packed by row pairs
 //   dQ^T += K^T dS^T                       A: K^T; B: dS^T with its key pairs interleaved
-// All products accumulate in fp32 (AMX, or VDPBF16PS without it); P and dS are rounded to bf16 only as operands, as
-// GPU FlashAttention does. dK and dV of a key block stay in fp32 registers-to-L2 until its last query block; dQ^T is
-// per task (key shares are summed at the end) and transposed into dQ once.
-#include "attention_backward.h"
+// P and dS are rounded to bf16 only as operands, as GPU FlashAttention does. dV and dK take all of a key block's
+// query blocks in one tile product, and dQ^T all of a query block's key blocks, so no accumulator is reloaded per
+// tile; key shares' dQ^T parts are summed at the end and transposed into dQ once.
+#include "dense_attention.h"
 
 #include <cmath>
 #include <limits>
@@ -134,30 +140,198 @@ struct Inputs {
   const uint8_t* tiles;
 };
 
+// ---------------------------------------------------------------- forward
+
+inline Tile tile_kind(const Inputs& in, const Dims& s, int64_t b, int64_t j0, int64_t i0) {
+  Tile kind = kOpen;
+  if (s.causal) {
+    if (j0 > i0 + kBlock - 1 + s.offset) return kHidden;
+    if (j0 + kBlock - 1 > i0 + s.offset) kind = kPartial;  // straddles the diagonal
+  }
+  if (in.tiles) {
+    const int64_t mb = s.mask_batches == 1 ? 0 : b;
+    const uint8_t flag = in.tiles[(mb * (s.Sp / kBlock) + j0 / kBlock) * (s.Tp / kBlock) + i0 / kBlock];
+    if (flag == kHidden) return kHidden;
+    if (flag == kPartial) kind = kPartial;
+  }
+  return kind;
+}
+
+// One thread's forward buffers: the KV head's keys (padded) and V^T, one query head's rows packed by head dim, one
+// tile's scores and P^T key pairs, and the running O^T [D][32] of a query block.
+struct ForwardScratch {
+  Buffer<uint32_t> q_by_d, p_pairs;
+  Buffer<float> scores, o_t;
+  Buffer<uint16_t> k, v, v_t;
+  explicit ForwardScratch(const Dims& s)
+      : q_by_d(zeroed<uint32_t>(s.Tp * s.D / 2)), p_pairs(zeroed<uint32_t>(16 * kBlock)),
+        scores(zeroed<float>(kBlock * kBlock)), o_t(zeroed<float>(s.D * kBlock)), k(zeroed<uint16_t>(s.Sp * s.D)),
+        v(zeroed<uint16_t>(s.Sp * s.D)), v_t(zeroed<uint16_t>(s.D * s.Sp)) {}
+};
+
+// rows [Sp][D] of KV head h (zeros past S) into dst, and their transpose [D][Sp] into dst_t when given
+CAI_AMX void load_rows(const uint16_t* src, const Dims& s, int64_t b, int64_t h, uint16_t* dst, uint16_t* dst_t) {
+  const int64_t D = s.D;
+  for (int64_t t = 0; t < s.Sp; ++t) {
+    if (t < s.S)
+      std::memcpy(dst + t * D, src + ((b * s.S + t) * s.KV + h) * D, D * 2);
+    else
+      std::memset(dst + t * D, 0, D * 2);
+  }
+  if (!dst_t) return;
+  for (int64_t t0 = 0; t0 < s.Sp; t0 += 16)  // 16 x 16 transposes of 16-bit values, widened to 32
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(dst + (t0 + i) * D + d0)));
+      transpose16(r);
+      for (int64_t j = 0; j < 16; ++j)
+        _mm256_storeu_si256((__m256i*)(dst_t + (d0 + j) * s.Sp + t0), _mm512_cvtepi32_epi16(r[j]));
+    }
+}
+
+// Query blocks share, share + shares, ... of every query head of KV head h in batch b: online softmax over the
+// visible key blocks (S^T = K Q^T on tiles; running max, sum and O^T = V^T P^T rescaled per block, all fp32; P^T
+// rounded to bf16 as the product's operand), then out = O / sum (bf16) and lse = max + log(sum).
+CAI_AMX void forward_task(const Inputs& in, const Dims& s, int64_t b, int64_t h, int64_t share, ForwardScratch& w,
+                          uint16_t* out, float* lse) {
+  const int64_t D = s.D, key_blocks = s.Sp / kBlock;
+  load_rows(in.k, s, b, h, w.k.get(), nullptr);
+  load_rows(in.v, s, b, h, w.v.get(), w.v_t.get());
+  const __m512 scale = _mm512_set1_ps(s.scale), minus_inf = _mm512_set1_ps(-kInf);
+  const int64_t mb = s.mask_batches == 1 ? 0 : b;
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t g = 0; g < s.G; ++g) {
+    const int64_t head = h * s.G + g;
+    const uint16_t* q = in.q + (b * s.T * s.H + head) * D;
+    for (int64_t i0 = share * kBlock; i0 < s.Tp; i0 += s.shares * kBlock) {
+      pack_block_by_k(q, s.H * D, i0, s.T, D, D, w.q_by_d.get());
+      pack_block_by_k(q, s.H * D, i0 + 16, s.T, D, D, w.q_by_d.get());
+      const uint32_t* q_by_d = w.q_by_d.get() + (i0 / 16) * (D / 2) * 16;
+      std::fill(w.o_t.get(), w.o_t.get() + D * kBlock, 0.f);
+      __m512 row_max[2] = {minus_inf, minus_inf}, row_sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+      __m512i rows[2];
+      for (int half = 0; half < 2; ++half)
+        rows[half] = _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(i0 + 16 * half + s.offset)));
+      for (int64_t jb = 0; jb < key_blocks; ++jb) {
+        const int64_t j0 = jb * kBlock;
+        const Tile kind = tile_kind(in, s, b, j0, i0);
+        if (kind == kHidden) continue;
+        const bool add_mask = kind == kPartial && in.mask_t, diagonal = kind == kPartial && s.causal;
+        tile_2x2(w.k.get() + j0 * D, D * 2, 64, q_by_d, D * 32, 64, 1024, D / kBlock, w.scores.get(), kBlock * 4, false);
+        for (int half = 0; half < 2; ++half) {
+          __m512 x[kBlock];
+          __m512 tile_max = minus_inf;
+          for (int64_t m = 0; m < kBlock; ++m) {
+            const int64_t key = j0 + m;
+            if (key >= s.S) {
+              x[m] = minus_inf;
+              continue;
+            }
+            x[m] = _mm512_mul_ps(_mm512_loadu_ps(w.scores.get() + m * kBlock + 16 * half), scale);
+            if (add_mask) x[m] = _mm512_add_ps(x[m], _mm512_loadu_ps(in.mask_t + (mb * s.Sp + key) * s.Tp + i0 + 16 * half));
+            if (diagonal)
+              x[m] = _mm512_mask_mov_ps(minus_inf, _mm512_cmp_epi32_mask(rows[half], _mm512_set1_epi32(int32_t(key)), _MM_CMPINT_NLT), x[m]);
+            tile_max = _mm512_max_ps(tile_max, x[m]);
+          }
+          const __m512 new_max = _mm512_max_ps(row_max[half], tile_max);
+          // rows that have seen no key yet keep 0 as their reference: every exp below is then exp(-inf) = 0
+          const __mmask16 seen = _mm512_cmp_ps_mask(new_max, minus_inf, _CMP_NEQ_OQ);
+          const __m512 reference = _mm512_maskz_mov_ps(seen, new_max);
+          const __m512 alpha = exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_mov_ps(seen, row_max[half]), reference));
+          row_max[half] = new_max;
+          __m512 sum = _mm512_setzero_ps();
+          for (int64_t pair = 0; pair < kBlock / 2; ++pair) {
+            const __m512 even = exp_nonpositive16(_mm512_sub_ps(x[2 * pair], reference));
+            const __m512 odd = exp_nonpositive16(_mm512_sub_ps(x[2 * pair + 1], reference));
+            sum = _mm512_add_ps(sum, _mm512_add_ps(even, odd));
+            const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(even));
+            const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(odd));
+            _mm512_storeu_si512(w.p_pairs.get() + pair * kBlock + 16 * half, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+          }
+          // a row first seen here had alpha = exp(-inf - 0) = 0 against an empty sum and output: no harm
+          row_sum[half] = _mm512_fmadd_ps(row_sum[half], alpha, sum);
+          if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.f), _CMP_NEQ_OQ))
+            for (int64_t d = 0; d < D; ++d) {
+              float* o = w.o_t.get() + d * kBlock + 16 * half;
+              _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha));
+            }
+        }
+        for (int64_t d0 = 0; d0 < D; d0 += kBlock)
+          tile_2x2(w.v_t.get() + d0 * s.Sp + j0, s.Sp * 2, 0, w.p_pairs.get(), 64, kBlock * 4, 0, 1,
+                   w.o_t.get() + d0 * kBlock, kBlock * 4, true);
+      }
+      for (int half = 0; half < 2; ++half) {  // normalise, transpose O^T into rows, round
+        alignas(64) float inverse[16], log_sum_exp[16];
+        const __mmask16 any = _mm512_cmp_ps_mask(row_sum[half], _mm512_setzero_ps(), _CMP_GT_OQ);
+        _mm512_store_ps(inverse, _mm512_maskz_div_ps(any, _mm512_set1_ps(1.f), row_sum[half]));
+        for (int j = 0; j < 16; ++j) log_sum_exp[j] = -kInf;
+        alignas(64) float sums[16], maxes[16];
+        _mm512_store_ps(sums, row_sum[half]);
+        _mm512_store_ps(maxes, row_max[half]);
+        for (int j = 0; j < 16; ++j)
+          if (sums[j] > 0.f) log_sum_exp[j] = maxes[j] + std::log(sums[j]);
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+          __m512i r[16];
+          for (int64_t i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(w.o_t.get() + (d0 + i) * kBlock + 16 * half);
+          transpose16(r);
+          for (int64_t j = 0; j < 16; ++j) {
+            const int64_t t = i0 + 16 * half + j;
+            if (t >= s.T) break;
+            const __m512 row = _mm512_mul_ps(_mm512_castsi512_ps(r[j]), _mm512_set1_ps(inverse[j]));
+            _mm256_storeu_si256((__m256i*)(out + ((b * s.T + t) * s.H + head) * D + d0), (__m256i)_mm512_cvtneps_pbh(row));
+          }
+        }
+        for (int64_t j = 0; j < 16 && i0 + 16 * half + j < s.T; ++j)
+          lse[(b * s.T + i0 + 16 * half + j) * s.H + head] = log_sum_exp[j];
+      }
+    }
+  }
+}
+
+// The mask's transpose and tile flags for a call (none without a mask).
+struct MaskTiles {
+  Buffer<float> mask_t;
+  Buffer<uint8_t> tiles;
+};
+
+CAI_AMX MaskTiles prepare_mask(const Dims& s, const void* mask, bool mask_bf16, Inputs& in) {
+  MaskTiles m;
+  if (!mask) return m;
+  m.mask_t = uninitialized<float>(s.mask_batches * s.Sp * s.Tp);
+  m.tiles = uninitialized<uint8_t>(s.mask_batches * (s.Sp / kBlock) * (s.Tp / kBlock));
+  if (mask_bf16)
+    transpose_mask<true>(mask, s, m.mask_t.get(), m.tiles.get());
+  else
+    transpose_mask<false>(mask, s, m.mask_t.get(), m.tiles.get());
+  in.mask_t = m.mask_t.get();
+  in.tiles = m.tiles.get();
+  return m;
+}
+
+CAI_AMX void run_forward(const Inputs& given, const Dims& s, const void* mask, bool mask_bf16, uint16_t* out,
+                         float* lse) {
+  Inputs in = given;
+  const MaskTiles held = prepare_mask(s, mask, mask_bf16, in);
+  const int64_t tasks = s.B * s.KV * s.shares;
+#pragma omp parallel
+  {
+    configure_tiles();
+    ForwardScratch w(s);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task)
+      forward_task(in, s, task / (s.KV * s.shares), task / s.shares % s.KV, task % s.shares, w, out, lse);
+    release_tiles();
+  }
+}
+
 // The task's rows in their packings: keys and values of KV head h (padded, and K^T), and for each query head of the
 // group its queries and output gradients (by head dim and by row pairs), lse (+inf past T and for rows that saw no
 // key: their probabilities are 0) and delta.
 CAI_AMX void load_task(const Inputs& in, const Dims& s, int64_t b, int64_t h, Scratch& w) {
   const int64_t D = s.D, q_stride = s.H * D;
-  for (int64_t t = 0; t < s.Sp; ++t) {
-    uint16_t *kd = w.k.get() + t * D, *vd = w.v.get() + t * D;
-    if (t < s.S) {
-      std::memcpy(kd, in.k + ((b * s.S + t) * s.KV + h) * D, D * 2);
-      std::memcpy(vd, in.v + ((b * s.S + t) * s.KV + h) * D, D * 2);
-    } else {
-      std::memset(kd, 0, D * 2);
-      std::memset(vd, 0, D * 2);
-    }
-  }
-  for (int64_t t0 = 0; t0 < s.Sp; t0 += 16)  // K^T [D][Sp]: 16 x 16 transposes of 16-bit values, widened to 32
-    for (int64_t d0 = 0; d0 < D; d0 += 16) {
-      __m512i r[16];
-      for (int64_t i = 0; i < 16; ++i)
-        r[i] = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w.k.get() + (t0 + i) * D + d0)));
-      transpose16(r);
-      for (int64_t j = 0; j < 16; ++j)
-        _mm256_storeu_si256((__m256i*)(w.k_t.get() + (d0 + j) * s.Sp + t0), _mm512_cvtepi32_epi16(r[j]));
-    }
+  load_rows(in.k, s, b, h, w.k.get(), w.k_t.get());
+  load_rows(in.v, s, b, h, w.v.get(), nullptr);
   for (int64_t g = 0; g < s.G; ++g) {
     const int64_t head = h * s.G + g, packed = g * s.Tp * D / 2;
     const uint16_t *q = in.q + (b * s.T * s.H + head) * D, *dout = in.grad_out + (b * s.T * s.H + head) * D;
@@ -183,21 +357,6 @@ CAI_AMX void load_task(const Inputs& in, const Dims& s, int64_t b, int64_t h, Sc
       delta[t] = _mm512_reduce_add_ps(acc);
     }
   }
-}
-
-inline Tile tile_kind(const Inputs& in, const Dims& s, int64_t b, int64_t j0, int64_t i0) {
-  Tile kind = kOpen;
-  if (s.causal) {
-    if (j0 > i0 + kBlock - 1 + s.offset) return kHidden;
-    if (j0 + kBlock - 1 > i0 + s.offset) kind = kPartial;  // straddles the diagonal
-  }
-  if (in.tiles) {
-    const int64_t mb = s.mask_batches == 1 ? 0 : b;
-    const uint8_t flag = in.tiles[(mb * (s.Sp / kBlock) + j0 / kBlock) * (s.Tp / kBlock) + i0 / kBlock];
-    if (flag == kHidden) return kHidden;
-    if (flag == kPartial) kind = kPartial;
-  }
-  return kind;
 }
 
 // P^T and dS^T of one tile from its scores and dP^T (both [32 keys][32 queries] fp32): bf16 rows into p_rows and
@@ -372,18 +531,7 @@ CAI_AMX void write_dq(const float* dq_t, const Dims& s, int64_t b, int64_t head,
 CAI_AMX void run(const Inputs& given, const Dims& s, const void* mask, bool mask_bf16, uint16_t* grad_q,
                  uint16_t* grad_k, uint16_t* grad_v) {
   Inputs in = given;
-  Buffer<float> mask_t;
-  Buffer<uint8_t> tiles;
-  if (mask) {
-    mask_t = uninitialized<float>(s.mask_batches * s.Sp * s.Tp);
-    tiles = uninitialized<uint8_t>(s.mask_batches * (s.Sp / kBlock) * (s.Tp / kBlock));
-    if (mask_bf16)
-      transpose_mask<true>(mask, s, mask_t.get(), tiles.get());
-    else
-      transpose_mask<false>(mask, s, mask_t.get(), tiles.get());
-    in.mask_t = mask_t.get();
-    in.tiles = tiles.get();
-  }
+  const MaskTiles held = prepare_mask(s, mask, mask_bf16, in);
   auto dq_t = uninitialized<float>(s.B * s.KV * s.shares * s.G * s.D * s.Tp);  // every task writes all of its part
   const int64_t tasks = s.B * s.KV * s.shares;
 #pragma omp parallel
@@ -408,9 +556,11 @@ uint16_t* bf16_out(py::array& a, const std::vector<int64_t>& shape, const char* 
 
 }  // namespace
 
-void attention_backward_bf16(py::array q, py::array k, py::array v, py::array out, py::array grad_out, f32_array lse,
-                             std::optional<py::array> mask, bool causal, float scale, py::array grad_q,
-                             py::array grad_k, py::array grad_v) {
+namespace {
+
+// The shapes every entry point checks: q [B, T, H, D], k and v [B, S, KV, D], mask [1 or B, T, S] (float32 or bf16)
+Dims check_operands(const py::array& q, const py::array& k, const py::array& v, const std::optional<py::array>& mask,
+                    bool causal, float scale, const void** mask_data, bool* mask_bf16) {
   require_kernels();
   check_ndim(q, 4, "q");
   check_ndim(k, 4, "k");
@@ -421,20 +571,14 @@ void attention_backward_bf16(py::array q, py::array k, py::array v, py::array ou
   if (s.KV < 1 || s.H % s.KV)
     throw std::invalid_argument("q has " + std::to_string(s.H) + " heads, k " + std::to_string(s.KV) +
                                 ": expected a multiple");
-  if (s.D % 32 || s.D > 256) throw std::invalid_argument("head_dim " + std::to_string(s.D) + ": expected a multiple of 32, at most 256");
+  if (s.D % 32 || s.D > 256)
+    throw std::invalid_argument("head_dim " + std::to_string(s.D) + ": expected a multiple of 32, at most 256");
   if (causal && s.S < s.T) throw std::invalid_argument("causal attention needs at least as many keys as queries");
-  const std::vector<int64_t> q_shape{s.B, s.T, s.H, s.D}, kv_shape{s.B, s.S, s.KV, s.D};
-  const uint16_t *qp = bf16_buffer(q, q_shape, "q"), *kp = bf16_buffer(k, kv_shape, "k"),
-                 *vp = bf16_buffer(v, kv_shape, "v"), *op = bf16_buffer(out, q_shape, "out"),
-                 *dop = bf16_buffer(grad_out, q_shape, "grad_out");
-  check_ndim(lse, 3, "lse");
-  check_dim(lse, 0, s.B, "lse");
-  check_dim(lse, 1, s.T, "lse");
-  check_dim(lse, 2, s.H, "lse");
-  uint16_t *dq = bf16_out(grad_q, q_shape, "grad_q"), *dk = bf16_out(grad_k, kv_shape, "grad_k"),
-           *dv = bf16_out(grad_v, kv_shape, "grad_v");
-  const void* mask_data = nullptr;
-  bool mask_bf16 = false;
+  bf16_buffer(q, {s.B, s.T, s.H, s.D}, "q");
+  bf16_buffer(k, {s.B, s.S, s.KV, s.D}, "k");
+  bf16_buffer(v, {s.B, s.S, s.KV, s.D}, "v");
+  *mask_data = nullptr;
+  *mask_bf16 = false;
   s.mask_batches = 1;
   if (mask) {
     check_ndim(*mask, 3, "mask");
@@ -445,8 +589,8 @@ void attention_backward_bf16(py::array q, py::array k, py::array v, py::array ou
     check_dim(*mask, 1, s.T, "mask");
     check_dim(*mask, 2, s.S, "mask");
     const FloatOrBf16 m = float_or_bf16(*mask, mask->size(), "mask");
-    mask_data = m.data;
-    mask_bf16 = m.bf16;
+    *mask_data = m.data;
+    *mask_bf16 = m.bf16;
   }
   s.G = s.H / s.KV;
   s.Tp = round_up(std::max<int64_t>(s.T, 1), kBlock);
@@ -454,13 +598,62 @@ void attention_backward_bf16(py::array q, py::array k, py::array v, py::array ou
   s.scale = scale;
   s.causal = causal;
   s.offset = s.S - s.T;
-  // enough tasks for every thread: split a (batch, KV head)'s key blocks between tasks when there are few of them
-  const int64_t pairs = s.B * s.KV, threads = max_threads();
-  s.shares = std::max<int64_t>(1, std::min<int64_t>(s.Sp / kBlock, (2 * threads + pairs - 1) / pairs));
-  const Inputs in{qp, kp, vp, op, dop, lse.data(), nullptr, nullptr};
+  return s;
+}
+
+// enough tasks for every thread: split each (batch, KV head)'s blocks between tasks when there are few pairs
+int64_t shares_for(const Dims& s, int64_t blocks) {
+  const int64_t pairs = std::max<int64_t>(1, s.B * s.KV), threads = max_threads();
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, (2 * threads + pairs - 1) / pairs));
+}
+
+void check_lse(const py::array& lse, const Dims& s) {
+  check_ndim(lse, 3, "lse");
+  check_dim(lse, 0, s.B, "lse");
+  check_dim(lse, 1, s.T, "lse");
+  check_dim(lse, 2, s.H, "lse");
+}
+
+}  // namespace
+
+void attention_forward_bf16(py::array q, py::array k, py::array v, std::optional<py::array> mask, bool causal,
+                            float scale, py::array out, f32_out lse) {
+  const void* mask_data;
+  bool mask_bf16;
+  Dims s = check_operands(q, k, v, mask, causal, scale, &mask_data, &mask_bf16);
+  check_lse(lse, s);
+  uint16_t* op = bf16_out(out, {s.B, s.T, s.H, s.D}, "out");
+  float* lp = lse.mutable_data();
+  s.shares = shares_for(s, s.Tp / kBlock);  // of the query blocks
+  const Inputs in{static_cast<const uint16_t*>(q.data()), static_cast<const uint16_t*>(k.data()),
+                  static_cast<const uint16_t*>(v.data()), nullptr, nullptr, nullptr, nullptr, nullptr};
   py::gil_scoped_release nogil;
-  if (s.B > 0 && s.T > 0 && s.S > 0) run(in, s, mask_data, mask_bf16, dq, dk, dv);
-  else {
+  if (s.B > 0 && s.T > 0 && s.S > 0) {
+    run_forward(in, s, mask_data, mask_bf16, op, lp);
+  } else {
+    std::fill(op, op + s.B * s.T * s.H * s.D, uint16_t(0));
+    std::fill(lp, lp + s.B * s.T * s.H, -kInf);
+  }
+}
+
+void attention_backward_bf16(py::array q, py::array k, py::array v, py::array out, py::array grad_out, f32_array lse,
+                             std::optional<py::array> mask, bool causal, float scale, py::array grad_q,
+                             py::array grad_k, py::array grad_v) {
+  const void* mask_data;
+  bool mask_bf16;
+  Dims s = check_operands(q, k, v, mask, causal, scale, &mask_data, &mask_bf16);
+  const std::vector<int64_t> q_shape{s.B, s.T, s.H, s.D}, kv_shape{s.B, s.S, s.KV, s.D};
+  const uint16_t *op = bf16_buffer(out, q_shape, "out"), *dop = bf16_buffer(grad_out, q_shape, "grad_out");
+  check_lse(lse, s);
+  uint16_t *dq = bf16_out(grad_q, q_shape, "grad_q"), *dk = bf16_out(grad_k, kv_shape, "grad_k"),
+           *dv = bf16_out(grad_v, kv_shape, "grad_v");
+  s.shares = shares_for(s, s.Sp / kBlock);  // of the key blocks
+  const Inputs in{static_cast<const uint16_t*>(q.data()), static_cast<const uint16_t*>(k.data()),
+                  static_cast<const uint16_t*>(v.data()), op, dop, lse.data(), nullptr, nullptr};
+  py::gil_scoped_release nogil;
+  if (s.B > 0 && s.T > 0 && s.S > 0) {
+    run(in, s, mask_data, mask_bf16, dq, dk, dv);
+  } else {
     std::fill(dq, dq + s.B * s.T * s.H * s.D, uint16_t(0));
     std::fill(dk, dk + s.B * s.S * s.KV * s.D, uint16_t(0));
     std::fill(dv, dv + s.B * s.S * s.KV * s.D, uint16_t(0));
