@@ -388,3 +388,45 @@ def test_trl_head_outputs_match_trl_kernel():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
     for a, b in zip(our_grads, their_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_attention_runs_ours_in_bf16_and_unpatches(monkeypatch):
+    """patch(model) switches a model that runs SDPA to our attention (bf16 here, so our kernels run): the loss and
+    every gradient stay within bf16 rounding of transformers' SDPA; patch_transformers does it for new models;
+    unpatching gives SDPA back."""
+    from cai_engine.integrations import attention as attention_integration
+    from cai_engine.ops.attention import _native_fits
+    calls = []
+    original = attention_integration.attention
+    monkeypatch.setattr(attention_integration, "attention",
+                        lambda q, *a, **k: calls.append(_native_fits(q, a[0], a[1], k.get("mask"), k["causal"]))
+                        or original(q, *a, **k))
+
+    def model():  # head_dim 32: the kernels' smallest
+        torch.manual_seed(0)
+        return CLASSES["llama"](hf_config("llama", True, hidden_size=128)).to(torch.bfloat16).train()
+
+    for batch in (padded_batch(), {k: v[:1, :9] for k, v in padded_batch().items()}):  # a bool mask; causal
+        reference = loss_and_grads(model(), batch)
+        patched_model = integrations.patch(model())
+        assert patched_model.config._attn_implementation == attention_integration.NAME
+        patched = loss_and_grads(patched_model, batch)
+        assert len(calls) == 2 and all(calls)  # both layers, each on our kernels
+        torch.testing.assert_close(patched[0].loss, reference[0].loss, atol=0.02, rtol=0.01)
+        for name, grad in reference[1].items():
+            error = float((patched[1][name].float() - grad.float()).abs().max() / grad.float().abs().max())
+            assert error < 0.05, f"{name}: {error:.3f} of its largest entry"
+        integrations.unpatch(patched_model)
+        assert patched_model.config._attn_implementation == "sdpa"
+        calls.clear()
+        loss_and_grads(patched_model, batch)
+        assert not calls
+    integrations.patch_transformers()
+    try:
+        loss_and_grads(model(), padded_batch())
+        assert len(calls) == 2
+    finally:
+        integrations.unpatch_transformers()
+    calls.clear()
+    loss_and_grads(model(), padded_batch())
+    assert not calls

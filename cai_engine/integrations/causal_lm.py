@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import token_logprobs
+from .attention import patch_attention, unpatch_attention
 from .layers import patch_layers, unpatch_layers
 from .scores import unwrap
 
@@ -118,13 +119,15 @@ def _wrap(cls_forward: Callable) -> Callable:
 
 
 def patch(model: nn.Module) -> nn.Module:
-    """Route this model's training loss through the fused log-prob op, and its norms and SwiGLU MLPs through our
-    fused ops while training (`layers.py`); returns the model. Idempotent.
+    """Route this model's training loss through the fused log-prob op, its norms and SwiGLU MLPs through our
+    fused ops while training (`layers.py`), and its SDPA attention through ours (`attention.py`); returns the
+    model. Idempotent.
 
     A PEFT or DDP wrapper is looked through: the transformers model inside gets the fused forward."""
     inner = unwrap(model)
     check_supported(inner)
     patch_layers(inner)
+    patch_attention(inner)
     if PATCHED in inner.__dict__ or PATCHED in type(inner).__dict__:
         return model
     original = inner.forward
@@ -136,6 +139,7 @@ def patch(model: nn.Module) -> nn.Module:
 def unpatch(model: nn.Module) -> nn.Module:
     inner = unwrap(model)
     unpatch_layers(inner)
+    unpatch_attention(inner)
     if PATCHED in inner.__dict__:
         inner.forward = inner.__dict__.pop(PATCHED)
     return model
