@@ -160,3 +160,11 @@ def test_bad_operands_get_one_line_errors():
         call(q, k, lse_rows=7)
     with pytest.raises(ValueError, match="mask: expected 1 or 2 on axis 0, got 3"):
         call(q, k, mask=torch.zeros(3, 8, 8).numpy())
+
+
+@needs_bf16
+def test_a_learned_mask_gets_its_gradient_from_torchs_attention():
+    q, k, v, grad = inputs(1, 4, 2, 40, 40, 64)
+    bias = torch.zeros(1, 1, 40, 40, dtype=torch.bfloat16, requires_grad=True)
+    (grad_bias,) = torch.autograd.grad(attention(q, k, v, mask=bias), (bias,), grad)
+    assert grad_bias.abs().max() > 0

@@ -39,7 +39,8 @@ def _native_fits(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: b
     if causal and k.shape[2] != T:  # SDPA's is_causal is top-left aligned when S != T; the kernel's is not
         return False
     if mask is not None and not (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[0] in (1, B)
-                                 and mask.dtype in (torch.bfloat16, torch.float32, torch.bool)):
+                                 and mask.dtype in (torch.bfloat16, torch.float32, torch.bool)
+                                 and not mask.requires_grad):  # a learned bias wants its gradient: SDPA gives it
         return False
     return _bf16_kernels()
 
