@@ -58,13 +58,19 @@ struct AlignedFree {
 template <class T>
 using Buffer = std::unique_ptr<T[], AlignedFree<T>>;
 
+// n elements, 64-byte aligned, contents undefined (for buffers every element of which is written before it is read)
+template <class T>
+inline Buffer<T> uninitialized(int64_t n) {
+  T* p = static_cast<T*>(std::aligned_alloc(64, round_up(std::max<int64_t>(n, 1) * sizeof(T), 64)));
+  if (!p) throw std::bad_alloc();
+  return Buffer<T>(p);
+}
+
 template <class T>
 inline Buffer<T> zeroed(int64_t n) {
-  const size_t bytes = round_up(std::max<int64_t>(n, 1) * sizeof(T), 64);
-  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
-  if (!p) throw std::bad_alloc();
-  std::memset(p, 0, bytes);
-  return Buffer<T>(p);
+  Buffer<T> out = uninitialized<T>(n);
+  std::memset(out.get(), 0, round_up(std::max<int64_t>(n, 1) * sizeof(T), 64));
+  return out;
 }
 
 // ---------------------------------------------------------------- dispatch
@@ -241,6 +247,11 @@ CAI_AMX inline void tile_2x1(const void* a, int64_t lda, int64_t a_step, const v
   }
   _tile_stored(0, cp, ldc);
   _tile_stored(2, cp + 16 * ldc, ldc);
+}
+
+// 16 bf16 values (bit patterns) widened to fp32 lanes.
+CAI_AMX inline __m512 widen_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
 // The scalar exp_nonpositive of vecmath.h, 16 lanes at a time.

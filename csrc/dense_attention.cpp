@@ -40,10 +40,6 @@ struct Dims {
   int64_t offset;  // causal: query t sees keys <= t + offset (S - T: the queries are the last T of the S tokens)
 };
 
-CAI_AMX inline __m512 widen16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
 // Rows [0, N) of h (`stride` elements apart; rows past N as zeros) as the B operand of a product over rows:
 // out[p][c] = (h[2p][c], h[2p + 1][c]), [Np / 2][D] pairs.
 CAI_AMX void pack_row_pairs(const uint16_t* h, int64_t stride, int64_t N, int64_t Np, int64_t D, uint32_t* out) {
@@ -56,13 +52,6 @@ CAI_AMX void pack_row_pairs(const uint16_t* h, int64_t stride, int64_t N, int64_
                               : _mm512_setzero_si512();
       _mm512_storeu_si512(out + p * D + c, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
     }
-}
-
-template <class T>
-Buffer<T> uninitialized(int64_t n) {
-  T* p = static_cast<T*>(std::aligned_alloc(64, round_up(std::max<int64_t>(n, 1) * sizeof(T), 64)));
-  if (!p) throw std::bad_alloc();
-  return Buffer<T>(p);
 }
 
 // Tile flags: which 32 x 32 (keys x queries) tiles any query sees, and whether their probabilities need the mask added
@@ -353,7 +342,7 @@ CAI_AMX void load_task(const Inputs& in, const Dims& s, int64_t b, int64_t h, Sc
       const int64_t at = ((b * s.T + t) * s.H + head) * D;
       __m512 acc = _mm512_setzero_ps();
       for (int64_t d = 0; d < D; d += 16)
-        acc = _mm512_fmadd_ps(widen16(in.grad_out + at + d), widen16(in.out + at + d), acc);
+        acc = _mm512_fmadd_ps(widen_bf16(in.grad_out + at + d), widen_bf16(in.out + at + d), acc);
       delta[t] = _mm512_reduce_add_ps(acc);
     }
   }

@@ -25,10 +25,6 @@ namespace {
 constexpr int64_t kQueries = 32;  // query rows per task: one 2 x 2 block of score tiles with 32 keys
 constexpr int64_t kBlock = 16;    // tokens per cache block this kernel takes (one A tile)
 
-CAI_AMX inline __m512 widen_bf16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
 struct Shapes {
   int64_t R, H, D, KV, G, P;
 };
