@@ -13,6 +13,26 @@ from typing import Callable
 import torch
 
 
+# What our trainers set for themselves (cai_engine/train/allocator.py): glibc's mmap blocks and heap trimming off, so
+# freed memory is reused instead of page-faulted in again on every step. A peer trainer ("trl+retain") runs with it as
+# well as without ("trl"), and is compared at its best: speed against its faster run, memory against its smaller peak.
+RETAIN_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
+def variant_env(variant: str) -> dict[str, str]:
+    """The environment a benchmark variant's process runs in: "+retain" adds the allocator setting above."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", **(RETAIN_FREED_MEMORY if variant.endswith("+retain") else {}))
+
+
+def peer_best(results: dict[str, dict], peer: str, time_key: str, memory_key: str = "peak_rss_mib"
+              ) -> tuple[float | None, float | None]:
+    """The peer's best time and smallest peak memory over its allocator settings ("trl", "trl+retain")."""
+    runs = [r for name, r in results.items() if name.partition("+")[0] == peer]
+    if not runs:
+        return None, None
+    return min(r[time_key] for r in runs), min(r[memory_key] for r in runs)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -160,3 +160,44 @@ def test_rl_resumes_exactly_mid_rollout_batch(tmp_path, rl_setup):
     assert set(cut) == set(ref)
     for key in set(cut) - {"stats.generation_s"}:  # a wall-clock time is the one thing allowed to differ
         assert torch.equal(cut[key], ref[key]), key
+
+
+@pytest.mark.parametrize("estimator", ["k3", "full"])
+def test_rollout_scored_in_length_chunks_equals_one_padded_batch(rl_setup, estimator):
+    """The rollout is scored `micro_rows` rows at a time, shortest first, each chunk cut after its longest row, and
+    each PPO micro-batch is cut the same way: every per-token result equals the whole padded batch's (fp32)."""
+    import copy
+
+    from cai_engine import load_model
+    from cai_engine.ops import full_kl, kl_penalty
+    from cai_engine.train.rl import ActorCritic, RLTrainer, trimmed
+    policy, _ = load_model(rl_setup / "policy")
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():  # a reference that differs, so that the KL is not zero
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    critic, _ = RewardModel.load(rl_setup / "pm")
+    settings = rl_config(rl_setup, Path("unused"), "rl.micro_rows=2", f"rl.kl_estimator={estimator}").rl
+    model = ActorCritic(policy, critic)
+    trainer = RLTrainer(settings, model, reference, None, None, [], Precision("fp32", "t"), torch.device("cpu"),
+                        0, 0, None)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (3, 9, 5, 2, 7)]
+    answers = [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (12, 1, 6, 3, 9)]
+    batch = sequences(prompts, answers, 0)
+    with torch.no_grad():
+        got = trainer.score_rollout(batch)
+        logp, entropy, hidden, rows = score_answers(policy, policy.lm_head, batch, trainer.precision, 1.0, entropy=True)
+        ref_logp, _, _, ref_rows = score_answers(reference, reference.lm_head, batch, trainer.precision, 1.0)
+        mask = batch["answer_mask"]
+        kl = (torch.zeros(mask.shape).masked_scatter(mask, full_kl(rows, policy.lm_head, ref_rows, reference.lm_head))
+              if estimator == "full" else kl_penalty(logp, ref_logp, estimator) * mask)
+        values = model.values(hidden, batch)
+    for name, a, b in zip(("log-probs", "entropy", "kl", "values"), got, (logp, entropy, kl, values)):
+        torch.testing.assert_close(a * mask, b * mask, atol=2e-5, rtol=1e-5, msg=name)
+    # a micro-batch of the update reads its rows cut to the longest of them, and scores them as the whole batch does
+    cut = trimmed(batch, [3, 2])
+    assert cut["tokens"].shape[1] == max(len(prompts[i]) + len(answers[i]) for i in (3, 2)) < batch["tokens"].shape[1]
+    with torch.no_grad():
+        part, _, _, _ = score_answers(policy, policy.lm_head, cut, trainer.precision, 1.0)
+    torch.testing.assert_close(part, logp[[3, 2], :cut["tokens"].shape[1]], atol=2e-5, rtol=1e-5)

@@ -23,6 +23,7 @@ import torch
 from ..io import append_jsonl, atomic_write_json, read_json, read_jsonl
 from ..model.decoder import Transformer
 from . import checkpoints as ckpt
+from .allocator import retain_freed_memory
 from .config import CheckpointSection, OptimizerSection, RunConfig, diff, stage_key
 from .distributed import (all_reduce_sum, barrier, gradient_sync, is_main, is_sharded, rank, shard_optimizer_state,
                           whole_optimizer_state, whole_weights, world_size, wrap_model)
@@ -313,17 +314,23 @@ def preflight(settings: LoopSettings, log: Callable[[str], None] = print) -> Tra
         last = ckpt.latest(stage_dir)
         if last is not None:
             _check_config(ckpt.read_state(last).get("config", {}), settings, f"checkpoint {last}", log)
-        log(f"precision: {settings.precision.mode} ({settings.precision.reason})")
+        _start(settings, log)
         return None
     summary = read_json(summary_path)
     if not summary.get("finished"):
         return None
     _check_config(summary.get("config", {}), settings, f"finished run in {summary_path.parent}", log)
     if diff(summary.get("config", {}), settings.config):  # allowed on purpose: go on from the last checkpoint
-        log(f"precision: {settings.precision.mode} ({settings.precision.reason})")
+        _start(settings, log)
         return None
     log(f"{summary_path.parent} already finished with this config ({summary['steps']} steps): nothing to do")
     return TrainSummary(summary["steps"], 0.0, final_dir, summary["history"], None, already_finished=True)
+
+
+def _start(settings: LoopSettings, log: Callable[[str], None]) -> None:
+    """The stage will run: say in what precision, and keep freed memory in the process from here on."""
+    log(f"precision: {settings.precision.mode} ({settings.precision.reason})")
+    log(retain_freed_memory())
 
 
 def _check_config(saved: dict, settings: LoopSettings, what: str, log) -> None:

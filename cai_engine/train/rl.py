@@ -83,6 +83,20 @@ def sequences(prompts: Sequence[list[int]], answers: Sequence[list[int]], pad_id
     return {"tokens": tokens, "attention_mask": attention, "answer_mask": answer_mask, "labels": labels}
 
 
+def length_chunks(lengths: Tensor, size: int) -> list[list[int]]:
+    """Row indices in chunks of `size`, shortest rows first: a chunk is padded only to its own longest row."""
+    order = torch.argsort(lengths.cpu(), stable=True).tolist()
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def trimmed(batch: dict[str, Tensor], rows: list[int]) -> dict[str, Tensor]:
+    """The batch's `rows`, cut after the last token of the longest: with right padding no earlier position reads
+    the columns cut (causal attention), so every per-token result is the untrimmed batch's."""
+    picked = {k: v[rows] for k, v in batch.items()}
+    width = int(picked["attention_mask"].sum(1).max())
+    return {k: v[:, :width] if v.dim() == 2 else v for k, v in picked.items()}
+
+
 def score_answers(model: Transformer, head: Tensor, batch: dict[str, Tensor], precision: Precision,
                   temperature: float, *, entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """Log-probs (and entropy) [S, T] of the answer tokens, zero elsewhere; also the hidden states [S, T, d]
@@ -208,20 +222,8 @@ class RLTrainer:
         mask = batch["answer_mask"]
         sampled = torch.zeros(mask.shape).masked_scatter(mask, torch.tensor([x for row in sampler_logp for x in row]))
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        with self.precision.autocast(self.device):
-            old_logp, entropy, hidden, rows = score_answers(self.model.policy, self.model.policy.lm_head, batch,
-                                                            self.precision, s.temperature, entropy=True)
-            ref_logp, _, _, ref_rows = score_answers(self.reference, self.reference.lm_head, batch, self.precision,
-                                                     s.temperature)
-            values = self.model.values(hidden, batch)
+        old_logp, entropy, kl, values = self.score_rollout(batch)
         mask = batch["answer_mask"]
-        if s.kl_estimator == "full":
-            h, w = self.precision.op_inputs(rows, self.model.policy.lm_head)
-            rh, rw = self.precision.op_inputs(ref_rows, self.reference.lm_head)
-            kl = torch.zeros(mask.shape, device=self.device).masked_scatter(
-                mask, full_kl(h, w, rh, rw, temperature=s.temperature))
-        else:
-            kl = kl_penalty(old_logp, ref_logp, s.kl_estimator) * mask
         scores = self.reward(owners, answers).to(self.device)
         if s.whiten_rewards:
             scores = (scores - scores.mean()) / (scores.std() + 1e-8) if scores.numel() > 1 else scores
@@ -259,6 +261,36 @@ class RLTrainer:
             error = max(-0.2, min(0.2, float(seq_kl.mean()) / s.kl_target - 1))
             self.beta *= 1 + error * len(answers) / s.kl_horizon
 
+    def score_rollout(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The policy's log-probs and entropy, the KL to the reference and the values (None without a value
+        model), each [S, T] and zero off the answers, computed `micro_rows` rows at a time by length (answers
+        that stop early at EOS leave the chunks of short rows short)."""
+        s, mask = self.settings, batch["answer_mask"]
+        out = [torch.zeros(mask.shape, device=self.device) for _ in range(4)]
+        has_values = self.model.value_head is not None or self.model.critic is not None
+        for rows in length_chunks(batch["attention_mask"].sum(1), s.micro_rows):
+            chunk = trimmed(batch, rows)
+            with self.precision.autocast(self.device):
+                logp, entropy, hidden, policy_rows = score_answers(self.model.policy, self.model.policy.lm_head,
+                                                                   chunk, self.precision, s.temperature, entropy=True)
+                ref_logp, _, _, ref_rows = score_answers(self.reference, self.reference.lm_head, chunk,
+                                                         self.precision, s.temperature)
+                values = self.model.values(hidden, chunk)
+            chunk_mask = chunk["answer_mask"]
+            if s.kl_estimator == "full":
+                h, w = self.precision.op_inputs(policy_rows, self.model.policy.lm_head)
+                rh, rw = self.precision.op_inputs(ref_rows, self.reference.lm_head)
+                kl = torch.zeros(chunk_mask.shape, device=self.device).masked_scatter(
+                    chunk_mask, full_kl(h, w, rh, rw, temperature=s.temperature))
+            else:
+                kl = kl_penalty(logp, ref_logp, s.kl_estimator) * chunk_mask
+            width = chunk_mask.shape[1]
+            for target, part in zip(out, (logp, entropy, kl, values)):
+                if part is not None:
+                    target[rows, :width] = part
+        old_logp, entropy, kl, values = out
+        return old_logp, entropy, kl, values if has_values else None
+
     # ------------------------------------------------------------------ the loop's hooks
 
     def plan(self, step: int, update: int, examples: list[int]) -> list[list[int]]:
@@ -269,10 +301,11 @@ class RLTrainer:
         epoch, minibatch = divmod(update, s.minibatches)
         order = epoch_order(rows, self.seed + 7919 * self.buffer_step, epoch)
         chosen = sorted(order[minibatch::s.minibatches])
-        return [chosen[i:i + s.micro_rows] for i in range(0, len(chosen), s.micro_rows)]
+        lengths = self.buffer["attention_mask"][chosen].sum(1)
+        return [[chosen[i] for i in chunk] for chunk in length_chunks(lengths, s.micro_rows)]
 
     def loss(self, trained: ActorCritic, rows: list[int]) -> MicroBatchResult:
-        s, b = self.settings, {k: v[rows] for k, v in self.buffer.items()}
+        s, b = self.settings, trimmed(self.buffer, rows)
         mask = b["answer_mask"]
         logp, entropy, values = trained(b, self.precision, s.temperature)
         ratio = (logp - b["old_logp"]).exp()
