@@ -164,20 +164,20 @@ def test_rl_resumes_exactly_mid_rollout_batch(tmp_path, rl_setup):
 
 @pytest.mark.parametrize("estimator", ["k3", "full"])
 def test_rollout_scored_in_length_chunks_equals_one_padded_batch(rl_setup, estimator):
-    """The rollout is scored `micro_rows` rows at a time, shortest first, each chunk cut after its longest row, and
-    each PPO micro-batch is cut the same way: every per-token result equals the whole padded batch's (fp32)."""
+    """The rollout is scored in chunks of rows by length, each chunk cut after its longest row, and each PPO
+    micro-batch is cut the same way: every per-token result equals the whole padded batch's (fp32)."""
     import copy
 
     from cai_engine import load_model
     from cai_engine.ops import full_kl, kl_penalty
-    from cai_engine.train.rl import ActorCritic, RLTrainer, trimmed
+    from cai_engine.train.rl import ActorCritic, RLTrainer, length_chunks, trimmed
     policy, _ = load_model(rl_setup / "policy")
     reference = copy.deepcopy(policy)
     with torch.no_grad():  # a reference that differs, so that the KL is not zero
         for p in reference.parameters():
             p.add_(0.01 * torch.randn_like(p))
     critic, _ = RewardModel.load(rl_setup / "pm")
-    settings = rl_config(rl_setup, Path("unused"), "rl.micro_rows=2", f"rl.kl_estimator={estimator}").rl
+    settings = rl_config(rl_setup, Path("unused"), f"rl.kl_estimator={estimator}").rl
     model = ActorCritic(policy, critic)
     trainer = RLTrainer(settings, model, reference, None, None, [], Precision("fp32", "t"), torch.device("cpu"),
                         0, 0, None)
@@ -186,7 +186,8 @@ def test_rollout_scored_in_length_chunks_equals_one_padded_batch(rl_setup, estim
     answers = [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (12, 1, 6, 3, 9)]
     batch = sequences(prompts, answers, 0)
     with torch.no_grad():
-        got = trainer.score_rollout(batch)
+        assert length_chunks(batch["attention_mask"].sum(1), 5, 24) == [[3, 1], [2], [0], [4]]  # 2 x 10, 11, 15, 16 tokens
+        got = trainer.score_rollout(batch, chunk_tokens=24)
         logp, entropy, hidden, rows = score_answers(policy, policy.lm_head, batch, trainer.precision, 1.0, entropy=True)
         ref_logp, _, _, ref_rows = score_answers(reference, reference.lm_head, batch, trainer.precision, 1.0)
         mask = batch["answer_mask"]

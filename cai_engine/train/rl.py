@@ -83,10 +83,21 @@ def sequences(prompts: Sequence[list[int]], answers: Sequence[list[int]], pad_id
     return {"tokens": tokens, "attention_mask": attention, "answer_mask": answer_mask, "labels": labels}
 
 
-def length_chunks(lengths: Tensor, size: int) -> list[list[int]]:
-    """Row indices in chunks of `size`, shortest rows first: a chunk is padded only to its own longest row."""
-    order = torch.argsort(lengths.cpu(), stable=True).tolist()
-    return [order[i:i + size] for i in range(0, len(order), size)]
+# Rows per no-grad forward of the rollout's scoring, as padded tokens: the fused log-prob op lays out the LM head
+# once per call, so a PPO rollout of 32 x 174 tokens scored in chunks of 8 rows took ~1.5 s longer than in one.
+ROLLOUT_CHUNK_TOKENS = 8192
+
+
+def length_chunks(lengths: Tensor, max_rows: int, max_tokens: int = 0) -> list[list[int]]:
+    """Row indices, shortest rows first, in chunks of at most `max_rows` rows and (beyond one row) `max_tokens`
+    padded tokens if given: a chunk is padded only to its own longest row."""
+    chunks: list[list[int]] = [[]]
+    for row in torch.argsort(lengths.cpu(), stable=True).tolist():
+        padded = (len(chunks[-1]) + 1) * int(lengths[row])  # this row is the chunk's longest
+        if chunks[-1] and (len(chunks[-1]) == max_rows or 0 < max_tokens < padded):
+            chunks.append([])
+        chunks[-1].append(row)
+    return chunks
 
 
 def trimmed(batch: dict[str, Tensor], rows: list[int]) -> dict[str, Tensor]:
@@ -261,14 +272,16 @@ class RLTrainer:
             error = max(-0.2, min(0.2, float(seq_kl.mean()) / s.kl_target - 1))
             self.beta *= 1 + error * len(answers) / s.kl_horizon
 
-    def score_rollout(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def score_rollout(self, batch: dict[str, Tensor], chunk_tokens: int = ROLLOUT_CHUNK_TOKENS
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """The policy's log-probs and entropy, the KL to the reference and the values (None without a value
-        model), each [S, T] and zero off the answers, computed `micro_rows` rows at a time by length (answers
-        that stop early at EOS leave the chunks of short rows short)."""
+        model), each [S, T] and zero off the answers, computed in chunks of rows by length (answers that stop
+        early at EOS leave the chunks of short rows short)."""
         s, mask = self.settings, batch["answer_mask"]
         out = [torch.zeros(mask.shape, device=self.device) for _ in range(4)]
         has_values = self.model.value_head is not None or self.model.critic is not None
-        for rows in length_chunks(batch["attention_mask"].sum(1), s.micro_rows):
+        lengths = batch["attention_mask"].sum(1)
+        for rows in length_chunks(lengths, len(lengths), chunk_tokens):
             chunk = trimmed(batch, rows)
             with self.precision.autocast(self.device):
                 logp, entropy, hidden, policy_rows = score_answers(self.model.policy, self.model.policy.lm_head,
