@@ -63,16 +63,17 @@ class StagePlan:
 PROMPT_TOKENS = 48
 FEW_SHOT_TOKENS = 600
 
-# Throughput of the embedded default (135M parameters) on the 2-core CPU of bench/RESULTS.md, tokens/s.
-# Sampling: bench_sampler measured 13.7 tok/s for one sequence and 218 for 32 at once; the rate of c
-# concurrent sequences is modelled as SAMPLE_RATE_ONE * c / (1 + (c - 1) / SAMPLE_HALF_BATCH), which fits
-# both. Scoring (teacher-forced, no gradients) and training rates, and the model load time, come from
-# bench_e2e's stage times. Other models scale by their parameter count; CUDA by an uncalibrated factor.
-SAMPLE_RATE_ONE = 13.7
+# Throughput of the embedded default (135M parameters) on the 2-core CPU of bench/RESULTS.md, tokens/s, fitted to
+# bench_e2e's stage times at 24e70da (232 s for the default preset; the constants of 9088a29 planned 602 s).
+# Sampling: the rate of c concurrent sequences is modelled as SAMPLE_RATE_ONE * c / (1 + (c - 1) /
+# SAMPLE_HALF_BATCH) (the shape bench_sampler measured at batch 1 and 32), scaled to the critique stage (pure
+# generation, 16 at a time). Scoring (teacher-forced, no gradients) from the feedback and report stages, training
+# from SFT and PM. Other models scale by their parameter count; CUDA by an uncalibrated factor.
+SAMPLE_RATE_ONE = 42.5
 SAMPLE_HALF_BATCH = 30.0
-SCORE_RATE = 1400.0
-TRAIN_RATE = 220.0
-LOAD_SECONDS = 3.0
+SCORE_RATE = 6000.0
+TRAIN_RATE = 700.0
+LOAD_SECONDS = 4.0
 CUDA_SPEEDUP = 30.0
 REFERENCE_PARAMETERS = 135e6
 FLOOR_PARAMETERS = 20e6  # below this, per-token overheads dominate: a tiny model is not faster than this
