@@ -281,26 +281,27 @@ class RLTrainer:
         out = [torch.zeros(mask.shape, device=self.device) for _ in range(4)]
         has_values = self.model.value_head is not None or self.model.critic is not None
         lengths = batch["attention_mask"].sum(1)
-        for rows in length_chunks(lengths, len(lengths), chunk_tokens):
-            chunk = trimmed(batch, rows)
-            with self.precision.autocast(self.device):
+        # one autocast region for every chunk: each weight is cast to bf16 once per rollout, not once per chunk
+        with self.precision.autocast(self.device):
+            for rows in length_chunks(lengths, len(lengths), chunk_tokens):
+                chunk = trimmed(batch, rows)
                 logp, entropy, hidden, policy_rows = score_answers(self.model.policy, self.model.policy.lm_head,
                                                                    chunk, self.precision, s.temperature, entropy=True)
                 ref_logp, _, _, ref_rows = score_answers(self.reference, self.reference.lm_head, chunk,
                                                          self.precision, s.temperature)
                 values = self.model.values(hidden, chunk)
-            chunk_mask = chunk["answer_mask"]
-            if s.kl_estimator == "full":
-                h, w = self.precision.op_inputs(policy_rows, self.model.policy.lm_head)
-                rh, rw = self.precision.op_inputs(ref_rows, self.reference.lm_head)
-                kl = torch.zeros(chunk_mask.shape, device=self.device).masked_scatter(
-                    chunk_mask, full_kl(h, w, rh, rw, temperature=s.temperature))
-            else:
-                kl = kl_penalty(logp, ref_logp, s.kl_estimator) * chunk_mask
-            width = chunk_mask.shape[1]
-            for target, part in zip(out, (logp, entropy, kl, values)):
-                if part is not None:
-                    target[rows, :width] = part
+                chunk_mask = chunk["answer_mask"]
+                if s.kl_estimator == "full":
+                    h, w = self.precision.op_inputs(policy_rows, self.model.policy.lm_head)
+                    rh, rw = self.precision.op_inputs(ref_rows, self.reference.lm_head)
+                    kl = torch.zeros(chunk_mask.shape, device=self.device).masked_scatter(
+                        chunk_mask, full_kl(h, w, rh, rw, temperature=s.temperature))
+                else:
+                    kl = kl_penalty(logp, ref_logp, s.kl_estimator) * chunk_mask
+                width = chunk_mask.shape[1]
+                for target, part in zip(out, (logp, entropy, kl, values)):
+                    if part is not None:
+                        target[rows, :width] = part
         old_logp, entropy, kl, values = out
         return old_logp, entropy, kl, values if has_values else None
 
