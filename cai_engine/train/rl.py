@@ -83,8 +83,9 @@ def sequences(prompts: Sequence[list[int]], answers: Sequence[list[int]], pad_id
     return {"tokens": tokens, "attention_mask": attention, "answer_mask": answer_mask, "labels": labels}
 
 
-# Rows per no-grad forward of the rollout's scoring, as padded tokens: the fused log-prob op lays out the LM head
-# once per call, so a PPO rollout of 32 x 174 tokens scored in chunks of 8 rows took ~1.5 s longer than in one.
+# Rows per no-grad forward of the rollout's scoring, as padded tokens. Each chunk pays per-call costs (the fused
+# log-prob op lays out the LM head on every call; the weights' bf16 casts were per chunk then too): a PPO rollout
+# of 32 x 174 tokens scored in chunks of 8 rows took ~1.5 s longer than in one.
 ROLLOUT_CHUNK_TOKENS = 8192
 
 
