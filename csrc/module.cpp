@@ -6,6 +6,7 @@
 #include "decode_layer.h"
 #include "logprob.h"
 #include "linear_bf16.h"
+#include "linear_grad_bf16.h"
 #include "logprob_bf16.h"
 #include "paged_attention.h"
 #include "pm_loss.h"
@@ -57,6 +58,9 @@ PYBIND11_MODULE(_native, m) {
         py::arg("out"), py::arg("norm_weight") = py::none(), py::arg("eps") = 0.f,
         "out = silu(h @ gate_weight.T) * (h @ up_weight.T) from bf16 operands, rounded once; h = rms_norm(x) with "
         "norm_weight, else x.");
+  m.def("linear_weight_grad_bf16", &linear_weight_grad_bf16, py::arg("grad_out"), py::arg("x"), py::arg("out"),
+        "out = grad_out.T @ x on AMX tiles (VDPBF16PS without): the weight gradient of a bf16 linear layer, "
+        "accumulated and written in float32.");
   m.def("rope_rows", &rope_rows, py::arg("x"), py::arg("cos"), py::arg("sin_signed"), py::arg("out"),
         py::arg("inverse") = false,
         "Rotate x [N, heads, D] (RoPE, rotate-half layout; sin's first half negated) into out by the float32 cos and "

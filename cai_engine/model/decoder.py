@@ -18,6 +18,7 @@ from ..ops.attention import attention
 from ..ops.decode_layer import decode_layer_, fusable
 from ..ops.linear import gated_linear, linear, linears
 from ..ops.paged_attention import PagedBatch, paged_attention
+from ..ops.projection import project
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import rope, rope_store_
 from ..ops.swiglu import swiglu
@@ -110,9 +111,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionInputs) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = project(x, self.q_proj).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = project(x, self.k_proj).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = project(x, self.v_proj).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = rope(q, ctx.cos, ctx.sin), rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
@@ -121,7 +122,7 @@ class Attention(nn.Module):
         else:
             causal = ctx.mask is None and T > 1
             out = attention(q, k, v, mask=ctx.mask, causal=causal)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return project(out.transpose(1, 2).reshape(B, T, -1), self.o_proj)
 
     def paged(self, x: torch.Tensor, ctx: AttentionInputs, norm: RMSNorm) -> torch.Tensor:
         """The engine's step: x [T, d] (the residual stream) holds the new tokens of every sequence, flattened
@@ -159,7 +160,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # our fused op (one rounding; in training it keeps gate and up only, not silu(gate) too)
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return project(swiglu(project(x, self.gate_proj), project(x, self.up_proj)), self.down_proj)
 
 
 class Block(nn.Module):

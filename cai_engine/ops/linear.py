@@ -6,7 +6,7 @@ call, which at a decode step's few rows costs more than the product itself; the 
 stored (no second copy to refresh after an optimizer step), packs the step's tokens once for all the weights of
 the call, and adds bias and residual in fp32 before rounding once. Measured in bench/bench_sampler.py.
 Everywhere else the torch composition runs: CUDA (cuBLAS is the GEMM to beat there, so there is no Triton
-kernel), fp32, CPUs without AMX, and autograd (these ops have no backward; training uses nn.Linear).
+kernel), fp32, CPUs without AMX, and autograd (these ops have no backward; training uses ops.projection).
 """
 from __future__ import annotations
 
