@@ -117,6 +117,12 @@ def test_dispatch(kernel_calls, monkeypatch):
 
     assert runs_kernel(layer(64, 32, bias=False))
     assert not runs_kernel(layer(64, 1, bias=True))  # a score / value head: one output
+
+    class Scaled(nn.Linear):  # a subclass computes what it likes (a quantized or adapter layer): it runs itself
+        def forward(self, x):
+            return 2 * super().forward(x)
+    subclass = Scaled(64, 32)
+    assert not runs_kernel(subclass)
     assert not runs_kernel(layer(64, 32, bias=False), inputs=x.float(), autocast=False)  # fp32 training
     assert not runs_kernel(layer(64, 32, bias=False), grad=False)  # evaluation, rollout scoring
     assert not runs_kernel(layer(64, 32, bias=False).requires_grad_(False), inputs=x.detach())  # a frozen model

@@ -2,7 +2,8 @@
 
 Each RMSNorm runs `cai_engine.ops.rms_norm` (one pass each way, keeping x and one rstd per row instead of the
 fp32 intermediates of the eager code) and each SiLU MLP runs `cai_engine.ops.swiglu` (keeping gate and up, not
-silu(gate) too); an MLP with another activation runs its own forward. With and without autograd alike, so a
+silu(gate) too), its three projections `cai_engine.ops.projection` (under bf16 autocast on AMX CPUs, the weight
+gradients in fp32 from our tile kernel); an MLP with another activation runs its own forward. With and without autograd alike, so a
 policy and its frozen reference (DPO, KL penalties) score tokens with the same bits. The result dtype is the one
 transformers gives (the weight's and the input's promotion), so nothing downstream changes; the values differ
 from the eager code by float rounding only (one bf16 rounding where the eager code rounds twice).
@@ -16,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..ops import rms_norm, swiglu
+from ..ops import project, rms_norm, swiglu
 
 # model_type -> (module, RMSNorm class, MLP class)
 LAYER_CLASSES = {
@@ -35,7 +36,7 @@ def norm_forward(module: nn.Module, hidden_states: Tensor, original: Callable[[T
 def mlp_forward(module: nn.Module, x: Tensor, original: Callable[[Tensor], Tensor]) -> Tensor:
     if not is_silu(module):
         return original(x)
-    return module.down_proj(swiglu(module.gate_proj(x), module.up_proj(x)))
+    return project(swiglu(project(x, module.gate_proj), project(x, module.up_proj)), module.down_proj)
 
 
 def is_silu(mlp: nn.Module) -> bool:

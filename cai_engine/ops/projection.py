@@ -28,8 +28,9 @@ def _native_fits(x: Tensor, weight: Tensor) -> bool:
 
 
 def project(x: Tensor, layer: nn.Linear) -> Tensor:
-    """`layer(x)`, with the weight gradient from our kernel where it is faster (see the module docstring)."""
-    if not _native_fits(x, layer.weight):
+    """`layer(x)`, with the weight gradient from our kernel where it is faster (see the module docstring). Only a
+    plain `nn.Linear`: a subclass (a quantized or adapter layer) may compute something else, so it runs itself."""
+    if type(layer) is not nn.Linear or not _native_fits(x, layer.weight):
         return layer(x)
     return _Projection.apply(x, layer.weight, layer.bias)
 
