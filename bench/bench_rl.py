@@ -51,7 +51,7 @@ def run_ours(algorithm: str, prompts: Path, pm: Path, warmup: int, out: Path) ->
             f"run.activation_checkpointing={'true' if recompute == 'ac' else 'false'}",
             f"rl.value_model={value_model or 'critic'}",
             f"rl.prompts_per_batch={PROMPTS}", f"rl.samples_per_prompt={SAMPLES}", f"rl.max_new_tokens={NEW_TOKENS}",
-            "precision.mode=bf16-mixed", "checkpoint.keep=1", "rl.micro_rows=8", "rl.kv_cache_mb=256"]
+            "precision.mode=bf16-mixed", "checkpoint.keep=1", "rl.kv_cache_mb=256"]
     if algorithm == "rloo":
         sets += ["rl.epochs_per_batch=1", "rl.minibatches=1"]
     config = resolve(overrides=sets)

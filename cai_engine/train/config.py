@@ -201,8 +201,11 @@ class RLSection:
                            check="positive")
     epochs_per_batch: int = setting(2, "passes over each rollout batch", check="positive")
     minibatches: int = setting(2, "optimizer steps per pass over a rollout batch", check="positive")
-    micro_rows: int = setting(8, "sequences per forward/backward (gradient accumulation inside a minibatch)",
-                              check="positive")
+    # 16: each forward/backward pays ~0.75 s of per-pass costs at the 135M model (casting both models' weights,
+    # writing their fp32 gradients, the LM head's layout) whatever its rows; 16 rows instead of 8 made a PPO
+    # iteration of bench_rl 1.9 s faster (27.9 -> 26.0 s) at 0.7 GB more peak memory without checkpointing
+    micro_rows: int = setting(16, "sequences per forward/backward (gradient accumulation inside a minibatch); "
+                              "fewer save activation memory", check="positive")
     lr: float = setting(1e-6, "peak learning rate", check="positive")
     kl_coef: float = setting(0.05, "beta: weight of the per-token KL to the reference in the reward",
                              check="non_negative")
