@@ -27,6 +27,7 @@ from cai_engine import _native  # noqa: E402
 from cai_engine.ops import projection as projection_mod  # noqa: E402
 from cai_engine.ops.backend import as_buffer  # noqa: E402
 from cai_engine.ops.projection import project  # noqa: E402
+from cai_engine.train.allocator import retain_freed_memory  # noqa: E402
 
 # (name, in features, out features) of one SmolLM2-135M layer
 SHAPES = (("q / o", 576, 576), ("k / v", 576, 192), ("gate / up", 576, 1536), ("down", 1536, 576))
@@ -76,6 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (_native.bf16_kernels_available() and projection_mod.tiles_preferred()):
         sys.exit("bench_projection: this CPU has no AMX (or full-rate VDPBF16PS): training uses autocast's nn.Linear")
+    retain_freed_memory()  # as every training stage does: freed blocks reused, not page-faulted in again
     print(f"# training linear layers, bf16-mixed: {machine_line('cpu')}; median of {args.repeats}")
     print("| weight | tokens x in -> out | ours dW ms (TFLOP/s) | torch dW + cast ms (TFLOP/s) | dW speed-up | "
           "ours fwd+bwd ms | autocast fwd+bwd ms | speed-up | ours / 3 forward GEMMs |")
