@@ -69,8 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    if not (_native.bf16_kernels_available() and projection_mod.tiles_preferred()):
-        sys.exit("bench_projection: this CPU has no AMX (or full-rate VDPBF16PS): training uses autocast's nn.Linear")
+    if not (_native.bf16_kernels_available() and projection_mod.kernel_preferred()):
+        sys.exit("bench_projection: this CPU has no AMX: training uses autocast's nn.Linear")
     retain_freed_memory()  # as every training stage does: freed blocks reused, not page-faulted in again
     print(f"# training linear layers, bf16-mixed: {machine_line('cpu')}; median of {args.repeats}")
     print("| weight | tokens x in -> out | ours dW ms (TFLOP/s) | torch dW + cast ms (TFLOP/s) | dW speed-up | "

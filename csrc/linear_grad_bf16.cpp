@@ -4,7 +4,7 @@
 // Why not oneDNN: with the tokens as the reduction dimension (dW [out, in] sums over every token of the batch),
 // its bf16 GEMM runs at about half its forward speed on this project's CPUs (0.7-1.2 against 1.9-2.5 TFLOP/s at a
 // SmolLM2 micro-batch of 1,392 tokens), and it returns bf16, which autocast then casts to fp32 for the master's
-// gradient (one more pass over dW, and a bf16 rounding of a sum of ~1,000 products). Here: 1.4-1.75x faster,
+// gradient (one more pass over dW, and a bf16 rounding of a sum of ~1,000 products). Here: 1.3-1.7x faster,
 // cast included (bench/bench_projection.py).
 //
 // Layout: both operands are laid out once per call. dY [N, O] is transposed into token-contiguous rows (the A

@@ -135,7 +135,7 @@ def test_bf16_mixed_mlp_projections_take_the_weight_gradient_kernel(monkeypatch)
     from cai_engine.ops import projection
     if not _native.bf16_kernels_available():
         pytest.skip("CPU lacks AVX512-BF16")
-    monkeypatch.setattr(projection, "tiles_preferred", lambda: True)
+    monkeypatch.setattr(projection, "kernel_preferred", lambda: True)
     calls = []
     real = _native.linear_weight_grad_bf16
     monkeypatch.setattr(_native, "linear_weight_grad_bf16", lambda *a: calls.append(a[0].shape) or real(*a))

@@ -33,7 +33,7 @@ def path(request, monkeypatch, kernel_calls):
     autocast linear (CAI_ENGINE_BACKEND=torch). Checks afterwards that the weight gradient came from there."""
     monkeypatch.setenv("CAI_ENGINE_AMX", "0" if request.param == "vectors" else "1")
     monkeypatch.setenv("CAI_ENGINE_BACKEND", "torch" if request.param == "torch" else "native")
-    monkeypatch.setattr(projection_mod, "tiles_preferred", lambda: True)  # the vectors too, on an Intel CPU
+    monkeypatch.setattr(projection_mod, "kernel_preferred", lambda: True)  # the vectors too (an AMD CPU's path)
     yield request.param
     assert bool(kernel_calls) == (request.param != "torch"), kernel_calls
 
@@ -81,7 +81,7 @@ def test_values_and_gradients_against_float64(path, tokens, bias):
 def test_forward_is_autocasts_and_weight_gradient_is_finer_than_its(kernel_calls, monkeypatch):
     """The same forward bits as autocast's nn.Linear (the same bf16 GEMM); the weight gradient from fp32 sums where
     autocast's is rounded to bf16: over 700 tokens the kernel's is ~1e-6 from float64, autocast's ~1e-3."""
-    monkeypatch.setattr(projection_mod, "tiles_preferred", lambda: True)
+    monkeypatch.setattr(projection_mod, "kernel_preferred", lambda: True)
     lin = layer(64, 192, bias=True, seed=1)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 175, 64, generator=g).bfloat16().requires_grad_()
@@ -104,7 +104,7 @@ def test_dispatch(kernel_calls, monkeypatch):
     """The kernel only where it applies: bf16 autocast on CPU, an fp32 weight that wants its gradient, feature
     counts that fill 32-wide tiles. Everything else is the module itself."""
     monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
-    monkeypatch.setattr(projection_mod, "tiles_preferred", lambda: True)
+    monkeypatch.setattr(projection_mod, "kernel_preferred", lambda: True)
     x = torch.randn(5, 64).bfloat16().requires_grad_()
 
     def runs_kernel(lin: nn.Linear, inputs: torch.Tensor = x, autocast: bool = True, grad: bool = True) -> bool:
@@ -133,7 +133,7 @@ def test_dispatch(kernel_calls, monkeypatch):
 def test_decoder_layers_train_through_the_kernel(kernel_calls, monkeypatch):
     """A bf16-mixed training step of the decoder takes the kernel for every one of its seven projections a layer,
     and gives the torch path's loss and gradients up to the bf16 rounding of autocast's weight gradients."""
-    monkeypatch.setattr(projection_mod, "tiles_preferred", lambda: True)
+    monkeypatch.setattr(projection_mod, "kernel_preferred", lambda: True)
     config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     torch.manual_seed(0)

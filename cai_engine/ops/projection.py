@@ -1,30 +1,40 @@
 """projection: the decoder's linear layers in training, y = x W^T (+ b), with W an fp32 master weight.
 
 Under bf16-mixed, autocast runs `nn.Linear` as three bf16 GEMMs and hands the weight gradient back in bf16, which
-autograd then casts to the master's fp32. On CPUs with AMX (or AMD's full-rate VDPBF16PS) the weight gradient is
-where that loses: oneDNN's bf16 GEMM with the tokens as its reduction dimension runs at about half its forward
-speed here, and its bf16 result is one more pass (and a rounding of a sum over every token) before the fp32
-gradient exists. This op keeps autocast's forward and input gradient (the same bf16 GEMMs, so the same bits) and
-computes the weight gradient with our tile kernel (`csrc/linear_grad_bf16.cpp`), accumulated and returned in
-fp32; the bias gradient is summed in fp32 too. Everywhere else (fp32 training, CUDA, where cuBLAS has no such
-gap, no autograd, feature counts not multiples of 32, CAI_ENGINE_BACKEND=torch) it is `F.linear`, which is also
-the reference the tests hold it to.
+autograd then casts to the master's fp32. On CPUs with AMX the weight gradient is where that loses: oneDNN's bf16
+GEMM with the tokens as its reduction dimension runs at about half its forward speed here, and its bf16 result is
+one more pass (and a rounding of a sum over every token) before the fp32 gradient exists. This op keeps autocast's
+forward and input gradient (the same bf16 GEMMs, so the same bits) and computes the weight gradient with our tile
+kernel (`csrc/linear_grad_bf16.cpp`), accumulated and returned in fp32; the bias gradient is summed in fp32 too.
+Everywhere else (fp32 training, CUDA, where cuBLAS has no such gap, CPUs without AMX, no autograd, feature counts
+not multiples of 32, CAI_ENGINE_BACKEND=torch) it is the layer itself, which is also the reference the tests hold
+it to.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import as_buffer, choose_backend, needs_autograd
-from .linear import TILE_K, tiles_preferred
+from .linear import TILE_K
+
+
+@functools.cache
+def kernel_preferred() -> bool:
+    """AMX tiles only: the gain was measured there. On AMD's full-rate VDPBF16PS (which the kernel also runs,
+    tested with CAI_ENGINE_AMX=0) it is unmeasured against oneDNN, so autocast's linear stays."""
+    from .. import _native
+    return bool(_native.amx_available())
 
 
 def _native_fits(x: Tensor, weight: Tensor) -> bool:
     return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16 and weight.dtype == torch.float32
             and weight.shape[0] % TILE_K == 0 and weight.shape[1] % TILE_K == 0 and needs_autograd(x, weight)
-            and not torch.compiler.is_compiling() and choose_backend(x) == "native" and tiles_preferred())
+            and not torch.compiler.is_compiling() and choose_backend(x) == "native" and kernel_preferred())
 
 
 def project(x: Tensor, layer: nn.Linear) -> Tensor:
