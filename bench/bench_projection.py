@@ -55,7 +55,8 @@ def run_shape(name: str, tokens: int, fan_in: int, fan_out: int, repeats: int) -
             torch.autograd.grad(y, (x, layer.weight), grad)
         return run
 
-    times = median_times({"ours dW": ours_grad, "torch dW": torch_grad, "ours": step(project), "torch": step(lambda x, layer: layer(x)),
+    times = median_times({"ours dW": ours_grad, "torch dW": torch_grad, "ours": step(project),
+                          "torch": step(lambda x, layer: layer(x)),
                           "forward GEMM": lambda: F.linear(x.detach(), weight)}, repeats)
     floor = 3 * times["forward GEMM"]
     return (f"| {name} | {tokens} x {fan_in} -> {fan_out} | {times['ours dW'] * 1e3:.2f} "

@@ -3,8 +3,8 @@
 Each RMSNorm runs `cai_engine.ops.rms_norm` (one pass each way, keeping x and one rstd per row instead of the
 fp32 intermediates of the eager code) and each SiLU MLP runs `cai_engine.ops.swiglu` (keeping gate and up, not
 silu(gate) too), its three projections `cai_engine.ops.projection` (under bf16 autocast on AMX CPUs, the weight
-gradients in fp32 from our tile kernel); an MLP with another activation runs its own forward. With and without autograd alike, so a
-policy and its frozen reference (DPO, KL penalties) score tokens with the same bits. The result dtype is the one
+gradients in fp32 from our tile kernel); an MLP with another activation runs its own forward. With and without
+autograd alike, so a policy and its frozen reference (DPO, KL penalties) score tokens with the same bits. The result dtype is the one
 transformers gives (the weight's and the input's promotion), so nothing downstream changes; the values differ
 from the eager code by float rounding only (one bf16 rounding where the eager code rounds twice).
 """
