@@ -45,10 +45,11 @@ def run_ours(algorithm: str, prompts: Path, pm: Path, warmup: int, out: Path) ->
         original(self, *args, **kwargs)
         self.ignore_eos = True
     SamplingParams.__init__ = no_eos
-    algorithm, _, recompute = algorithm.partition("+")  # "rloo+ac": with activation checkpointing
+    algorithm, *flags = algorithm.split("+")  # "rloo+ac": with activation checkpointing; "+unshared": see NAMES
     algorithm, _, value_model = algorithm.partition("-")  # "ppo-head": the value head on the policy's trunk
     sets = [f"rl.prompts={prompts}", f"run.dir={out}", f"rl.reward_model={pm}", f"rl.algorithm={algorithm}",
-            f"run.activation_checkpointing={'true' if recompute == 'ac' else 'false'}",
+            f"run.activation_checkpointing={'true' if 'ac' in flags else 'false'}",
+            f"rl.share_prompts={'false' if 'unshared' in flags else 'true'}",
             f"rl.value_model={value_model or 'critic'}",
             f"rl.prompts_per_batch={PROMPTS}", f"rl.samples_per_prompt={SAMPLES}", f"rl.max_new_tokens={NEW_TOKENS}",
             "precision.mode=bf16-mixed", "checkpoint.keep=1", "rl.kv_cache_mb=256"]
@@ -92,14 +93,26 @@ def run_trl(prompts: Path, pm: Path, warmup: int, iterations: int, out: Path) ->
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "iterations": len(times)}
 
 
+NAMES = {"rloo": "cai_engine RLOO (1 step)", "ppo": "cai_engine PPO (critic, 4 steps)",
+         "ppo-head": "cai_engine PPO (value head, 4 steps)", "trl": "TRL RLOOTrainer (its default gradient checkpointing)",
+         "ac": "activation checkpointing", "unshared": "one row per answer (rl.share_prompts=false)",
+         "retain": "glibc allocator as ours (MALLOC_MMAP_MAX_=0, no trimming)"}
+
+
+def variant_name(variant: str) -> str:
+    base, *flags = variant.split("+")
+    return " + ".join([NAMES[base], *(NAMES[flag] for flag in flags)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--variants", default="rloo,rloo+ac,ppo,ppo+ac,ppo-head+ac,trl,trl+retain",
                         help="rloo, ppo (a critic from the PM), ppo-head (a value head on the policy); +ac: with "
-                             "activation checkpointing, as TRL does by default; trl, and trl+retain (with glibc's "
-                             "allocator set as our trainers set it: see common.RETAIN_FREED_MEMORY)")
+                             "activation checkpointing, as TRL does by default; +unshared: each answer its own row "
+                             "(the prompt run once per answer); trl, and trl+retain (with glibc's allocator set as "
+                             "our trainers set it: see common.RETAIN_FREED_MEMORY)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
     parser.add_argument("--pm", help=argparse.SUPPRESS)
@@ -136,19 +149,13 @@ def main() -> None:
     print("| trainer | s/iteration | generation s | training s | peak RSS MiB | speed vs TRL RLOO (its fastest) | "
           "memory vs TRL (its smallest) |")
     print("|---|---|---|---|---|---|---|")
-    names = {"rloo": "cai_engine RLOO (1 step)", "rloo+ac": "cai_engine RLOO (1 step) + activation checkpointing",
-             "ppo": "cai_engine PPO (critic, 4 steps)", "ppo+ac": "cai_engine PPO (critic, 4 steps) + activation checkpointing",
-             "ppo-head": "cai_engine PPO (value head, 4 steps)",
-             "ppo-head+ac": "cai_engine PPO (value head, 4 steps) + activation checkpointing",
-             "trl": "TRL RLOOTrainer (its default gradient checkpointing)",
-             "trl+retain": "TRL RLOOTrainer, glibc allocator as ours (MALLOC_MMAP_MAX_=0, no trimming)"}
     trl_time, trl_memory = peer_best(results, "trl", "iteration_s")  # TRL at its best setting for each ratio
     for variant, r in results.items():
         gen = "-" if r["generation_s"] is None else f"{r['generation_s']:.1f}"
         train = "-" if r["generation_s"] is None else f"{r['iteration_s'] - r['generation_s']:.1f}"
         vs = f"{trl_time / r['iteration_s']:.2f}x" if trl_time else "-"
         mem = f"{r['peak_rss_mib'] / trl_memory:.2f}x" if trl_memory else "-"
-        print(f"| {names[variant]} | {r['iteration_s']:.1f} | {gen} | {train} | {r['peak_rss_mib']:.0f} | {vs} | {mem} |")
+        print(f"| {variant_name(variant)} | {r['iteration_s']:.1f} | {gen} | {train} | {r['peak_rss_mib']:.0f} | {vs} | {mem} |")
 
 
 if __name__ == "__main__":

@@ -208,3 +208,76 @@ def test_rollout_scored_in_length_chunks_equals_one_padded_batch(rl_setup, estim
     with torch.no_grad(), trainer.precision.autocast(trainer.device):
         part, _, _, _ = score_answers(policy, policy.lm_head, cut, trainer.precision, 1.0)
     torch.testing.assert_close(part, logp[[3, 2], :cut["tokens"].shape[1]], **tolerance)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16-mixed"])
+def test_shared_prompts_score_and_train_as_separate_rows(rl_setup, mode):
+    """With `rl.share_prompts` the answers to one prompt run as one packed row (the prompt once, each answer
+    attending to it and to itself) and are gathered back into the row layout: log-probs, entropy, KL and values,
+    and the gradients of the policy and the critic, equal one row per answer (fp32: to rounding; bf16: to bf16
+    rounding, the packed attention and GEMMs having other shapes), for groups of 3, 2 and 1 answers whose rows
+    are not adjacent, with the packed forward running fewer tokens."""
+    import copy
+
+    from cai_engine import load_model
+    from cai_engine.train.rl import ActorCritic, RLTrainer, length_chunks, shared_prompt_rows
+    policy, _ = load_model(rl_setup / "policy")
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    critic, _ = RewardModel.load(rl_setup / "pm")
+    model = ActorCritic(policy, critic)
+    trainer = RLTrainer(rl_config(rl_setup, Path("unused")).rl, model, reference, None, None, [],
+                        Precision(mode, "t"), torch.device("cpu"), 0, 0, None)
+    tolerance = {"atol": 2e-5, "rtol": 1e-5} if mode == "fp32" else {"atol": 3e-2, "rtol": 0.0}
+    generator = torch.Generator().manual_seed(1)
+    prompt_of = [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (7, 3, 5)]
+    groups = [0, 1, 0, 2, 1, 0]  # group 0 has three answers, 1 two, 2 one; rows of a group apart
+    answers = [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (4, 9, 1, 6, 2, 11)]
+    separate = sequences([prompt_of[g] for g in groups], answers, 0)
+    shared = {**separate, "group": torch.tensor(groups)}
+    packed, _ = shared_prompt_rows(shared)
+    assert int(packed.attention_mask.sum()) == sum(map(len, prompt_of)) + sum(map(len, answers))
+    assert int(packed.attention_mask.sum()) < int(separate["attention_mask"].sum())
+    lengths = separate["attention_mask"].sum(1)  # 11, 12, 8, 11, 5, 18: groups' longest 18, 12, 11
+    assert length_chunks(lengths, 3, groups=shared["group"]) == [[3, 1, 4], [0, 2, 5]]
+    assert length_chunks(lengths, 2, groups=shared["group"]) == [[0, 2], [3], [1, 4], [5]]  # group 0 cut in two
+    mask = separate["answer_mask"]
+    with torch.no_grad():
+        for name, a, b in zip(("log-probs", "entropy", "kl", "values"), trainer.score_rollout(shared),
+                              trainer.score_rollout(separate)):
+            torch.testing.assert_close(a * mask, b * mask, **tolerance, msg=name)
+    weights = torch.randn(mask.shape, generator=generator) * mask
+
+    def gradients(batch):
+        model.zero_grad()
+        with trainer.precision.autocast(trainer.device):
+            logp, entropy, values = model(batch, trainer.precision, 1.0)
+        ((logp + 0.3 * entropy + values) * weights).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    got, want = gradients(shared), gradients(separate)
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        scale = b.abs().max().clamp(min=1e-6)
+        torch.testing.assert_close(a / scale, b / scale, **tolerance)
+
+
+def test_pm_scores_with_shared_prompts_equal_one_row_per_answer(rl_setup):
+    """The PM reads the answers to one prompt behind one copy of it (as the PM trainer packs them): the same
+    scores as one row per answer, in the order given; a call with no repeated prompt packs plain rows."""
+    from cai_engine.data.prompts import load_prompts
+    from cai_engine.train.rl import reward_model_scores
+    reward_model, tokenizer = RewardModel.load(rl_setup / "pm")
+    with torch.no_grad():
+        reward_model.score.weight.normal_()  # a head that reads the whole hidden state
+    prompts = load_prompts(str(rl_setup / "prompts.jsonl"), split="train")
+    precision, cpu = Precision("fp32", "t"), torch.device("cpu")
+    generator = torch.Generator().manual_seed(2)
+    answers = [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (5, 2, 9, 1, 4)]
+    indices = [0, 0, 0, 3, 3]
+    shared = reward_model_scores(reward_model, tokenizer, prompts, precision, cpu)(indices, answers)
+    separate = reward_model_scores(reward_model, tokenizer, prompts, precision, cpu, False)(indices, answers)
+    assert shared.shape == (5,) and shared.std() > 0
+    torch.testing.assert_close(shared, separate, atol=2e-5, rtol=1e-5)

@@ -28,7 +28,7 @@ from ..data.comparisons import DataError
 from ..data.prompts import Prompt, load_prompts
 from ..engine import LLM, SamplingParams
 from ..model.decoder import Transformer
-from ..model.heads import RewardModel
+from ..model.heads import PackedBatch, RewardModel, pack_separate, pack_shared
 from ..model.loading import load_model, save_model
 from ..model.tokenizer import Tokenizer
 from ..ops import full_kl, kl_penalty, token_logprobs
@@ -60,7 +60,7 @@ class ActorCritic(nn.Module):
         if self.value_head is not None:
             return self.value_head(policy_hidden).squeeze(-1).float()
         if self.critic is not None:
-            hidden = self.critic.backbone(batch["tokens"], attention_mask=batch["attention_mask"])
+            hidden = row_hidden(self.critic.backbone, batch)
             return self.critic.score(hidden).squeeze(-1).float()
         return None
 
@@ -89,15 +89,23 @@ def sequences(prompts: Sequence[list[int]], answers: Sequence[list[int]], pad_id
 ROLLOUT_CHUNK_TOKENS = 8192
 
 
-def length_chunks(lengths: Tensor, max_rows: int, max_tokens: int = 0) -> list[list[int]]:
-    """Row indices, shortest rows first, in chunks of at most `max_rows` rows and (beyond one row) `max_tokens`
-    padded tokens if given: a chunk is padded only to its own longest row."""
+def length_chunks(lengths: Tensor, max_rows: int, max_tokens: int = 0, groups: Tensor | None = None
+                  ) -> list[list[int]]:
+    """Row indices, shortest rows first, in chunks of at most `max_rows` rows and (beyond one unit) `max_tokens`
+    padded tokens if given: a chunk is padded only to its own longest row. With `groups` (a rollout group id per
+    row: the answers to one prompt), a group's rows stay in one chunk, so its prompt is run once (`row_hidden`);
+    a group of more than `max_rows` rows is cut into pieces of `max_rows`."""
+    units: dict[int, list[int]] = {}
+    for row, key in enumerate(groups.tolist() if groups is not None else range(len(lengths))):
+        units.setdefault(key, []).append(row)
+    pieces = [rows[i:i + max_rows] for rows in units.values() for i in range(0, len(rows), max_rows)]
+    longest = [max(int(lengths[r]) for r in piece) for piece in pieces]
     chunks: list[list[int]] = [[]]
-    for row in torch.argsort(lengths.cpu(), stable=True).tolist():
-        padded = (len(chunks[-1]) + 1) * int(lengths[row])  # this row is the chunk's longest
-        if chunks[-1] and (len(chunks[-1]) == max_rows or 0 < max_tokens < padded):
+    for p in sorted(range(len(pieces)), key=longest.__getitem__):  # stable: equal lengths keep their order
+        rows = len(chunks[-1]) + len(pieces[p])
+        if chunks[-1] and (rows > max_rows or 0 < max_tokens < rows * longest[p]):  # this piece is the longest
             chunks.append([])
-        chunks[-1].append(row)
+        chunks[-1].extend(pieces[p])
     return chunks
 
 
@@ -109,11 +117,52 @@ def trimmed(batch: dict[str, Tensor], rows: list[int]) -> dict[str, Tensor]:
     return {k: v[:, :width] if v.dim() == 2 else v for k, v in picked.items()}
 
 
+def shared_prompt_rows(batch: dict[str, Tensor]) -> tuple[PackedBatch, Tensor] | None:
+    """The batch's rows packed one row per rollout group (`batch["group"]`, rows of the same prompt tokens):
+    [prompt | answer_1 | answer_2 | ...], each answer attending to the prompt and to itself (`pack_shared`, as the
+    PM trainer packs), and for each row position the flat index of its packed position [S, W] (padding reads
+    the row's last token). None when no two rows share a prompt."""
+    tokens, lengths = batch["tokens"].cpu(), batch["attention_mask"].sum(1).tolist()
+    prompt_lengths = (batch["answer_mask"].long().argmax(1) + 1).tolist()  # the last prompt token starts the mask
+    groups: dict[tuple, list[int]] = {}
+    for row, group in enumerate(batch["group"].tolist()):
+        groups.setdefault((group, tuple(tokens[row, :prompt_lengths[row]].tolist())), []).append(row)
+    if len(groups) == len(lengths):
+        return None
+    packed = pack_shared([(list(prompt), [tokens[r, len(prompt):lengths[r]].tolist() for r in rows])
+                          for (_, prompt), rows in groups.items()], pad_id=0)
+    width, packed_width = tokens.shape[1], packed.input_ids.shape[1]
+    index = torch.empty(len(lengths), width, dtype=torch.long)
+    for g, ((_, prompt), rows) in enumerate(groups.items()):
+        start = len(prompt)  # where the group's next answer begins in its packed row
+        for r in rows:
+            answer = lengths[r] - len(prompt)
+            columns = torch.cat([torch.arange(len(prompt)), torch.arange(start, start + answer)])
+            index[r] = g * packed_width + torch.cat([columns, columns[-1:].expand(width - lengths[r])])
+            start += answer
+    return packed, index
+
+
+def row_hidden(model: Transformer, batch: dict[str, Tensor]) -> Tensor:
+    """Final hidden states [S, W, d] of the batch's prompt + answer rows. With `batch["group"]` the answers to
+    one prompt run as one packed row, the prompt once (`shared_prompt_rows`), and are gathered back into the
+    row layout: each state is the unpacked row's up to rounding, and the gather's backward sums a prompt
+    position's gradient over its answers. One row per answer without it (`rl.share_prompts = false`)."""
+    packing = shared_prompt_rows(batch) if "group" in batch else None
+    if packing is None:
+        return model(batch["tokens"], attention_mask=batch["attention_mask"])
+    packed, index = packing
+    packed = packed.to(batch["tokens"].device)
+    hidden = model(packed.input_ids, position_ids=packed.position_ids, attention_mask=packed.attention_mask,
+                   attn_mask=packed.attn_mask)
+    return hidden.reshape(-1, hidden.shape[-1])[index.to(hidden.device)]
+
+
 def score_answers(model: Transformer, head: Tensor, batch: dict[str, Tensor], precision: Precision,
                   temperature: float, *, entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """Log-probs (and entropy) [S, T] of the answer tokens, zero elsewhere; also the hidden states [S, T, d]
     and the flat hidden rows of the answer positions (for the exact KL)."""
-    hidden = model(batch["tokens"], attention_mask=batch["attention_mask"])
+    hidden = row_hidden(model, batch)
     mask = batch["answer_mask"]
     rows, weight = precision.op_inputs(hidden[mask], head)
     logp, ent = token_logprobs(rows, weight, batch["labels"][mask], temperature=temperature, return_entropy=entropy)
@@ -160,17 +209,24 @@ def request_seed(seed: int, step: int, prompt_index: int) -> int:
 
 
 def reward_model_scores(reward_model: RewardModel, tokenizer: Tokenizer, prompts: Sequence[Prompt],
-                        precision: Precision, device) -> RewardFn:
+                        precision: Precision, device, share_prompts: bool = True) -> RewardFn:
     """PM scores of answers, reading each conversation as the PM was trained on it (the feedback stage's
-    "\n\nHuman: ...\n\nAssistant:" text, then the answer ending in EOS)."""
-    from ..model.heads import pack_separate
+    "\n\nHuman: ...\n\nAssistant:" text, then the answer ending in EOS); the answers to one prompt (adjacent
+    in the call) packed behind one copy of it, as the PM trainer packs them, with `share_prompts`."""
     texts = [tokenizer.encode(render_conversation(p.context, p.text, "").rstrip()) for p in prompts]
     eos, pad = tokenizer.eos_id, tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
     @torch.no_grad()
     def score(indices: list[int], answers: list[list[int]]) -> Tensor:
         ended = [a if (eos is None or (a and a[-1] == eos)) else a + [eos] for a in answers]
-        batch = pack_separate([(texts[i], [a]) for i, a in zip(indices, ended)], pad)
+        groups: list[tuple[int, list[list[int]]]] = []
+        for i, answer in zip(indices, ended):
+            if share_prompts and groups and groups[-1][0] == i:
+                groups[-1][1].append(answer)
+            else:
+                groups.append((i, [answer]))
+        pack = pack_shared if len(groups) < len(ended) else pack_separate  # plain causal rows when nothing is shared
+        batch = pack([(texts[i], group) for i, group in groups], pad)
         with precision.autocast(device):
             return reward_model(batch.to(device)).float().cpu()
     return score
@@ -231,6 +287,8 @@ class RLTrainer:
                 groups.append(g)
                 owners.append(prompt_indices[g])
         batch = sequences(prompts, answers, self.pad_id)
+        if s.share_prompts:
+            batch["group"] = torch.tensor(groups)
         mask = batch["answer_mask"]
         sampled = torch.zeros(mask.shape).masked_scatter(mask, torch.tensor([x for row in sampler_logp for x in row]))
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -284,7 +342,7 @@ class RLTrainer:
         lengths = batch["attention_mask"].sum(1)
         # one autocast region for every chunk: each weight is cast to bf16 once per rollout, not once per chunk
         with self.precision.autocast(self.device):
-            for rows in length_chunks(lengths, len(lengths), chunk_tokens):
+            for rows in length_chunks(lengths, len(lengths), chunk_tokens, batch.get("group")):
                 chunk = trimmed(batch, rows)
                 logp, entropy, hidden, policy_rows = score_answers(self.model.policy, self.model.policy.lm_head,
                                                                    chunk, self.precision, s.temperature, entropy=True)
@@ -311,13 +369,17 @@ class RLTrainer:
     def plan(self, step: int, update: int, examples: list[int]) -> list[list[int]]:
         if update == 0 or self.buffer is None or self.buffer_step != step - update:
             self.rollout(step - update, examples)
-        rows = self.buffer["tokens"].shape[0]
-        s = self.settings
+        s, groups = self.settings, self.buffer.get("group")
+        # minibatches of whole rollout groups (of rows without sharing), so that a group's prompt runs once
+        owners = groups.tolist() if groups is not None else list(range(self.buffer["tokens"].shape[0]))
+        units = sorted(set(owners))
         epoch, minibatch = divmod(update, s.minibatches)
-        order = epoch_order(rows, self.seed + 7919 * self.buffer_step, epoch)
-        chosen = sorted(order[minibatch::s.minibatches])
+        order = epoch_order(len(units), self.seed + 7919 * self.buffer_step, epoch)
+        picked = {units[i] for i in order[minibatch::s.minibatches]}
+        chosen = [row for row, owner in enumerate(owners) if owner in picked]
         lengths = self.buffer["attention_mask"][chosen].sum(1)
-        return [[chosen[i] for i in chunk] for chunk in length_chunks(lengths, s.micro_rows)]
+        chunks = length_chunks(lengths, s.micro_rows, groups=None if groups is None else groups[chosen])
+        return [[chosen[i] for i in chunk] for chunk in chunks]
 
     def loss(self, trained: ActorCritic, rows: list[int]) -> MicroBatchResult:
         s, b = self.settings, trimmed(self.buffer, rows)
@@ -405,7 +467,7 @@ def train_rl(config: RunConfig, *, reward: RewardFn | None = None, allow_config_
         reward_model.requires_grad_(False).eval()
         if precision.mode == "bf16-mixed":
             reward_model = reward_model.to(torch.bfloat16)
-        reward = reward_model_scores(reward_model, tokenizer, prompts, precision, device)
+        reward = reward_model_scores(reward_model, tokenizer, prompts, precision, device, s.share_prompts)
     model = ActorCritic(policy, critic, value_head)
     llm = LLM(policy, tokenizer, dtype=precision.compute_dtype, kv_cache_bytes=s.kv_cache_mb << 20)
     trainer = RLTrainer(s, model, reference, llm, reward, encode_prompts(prompts, tokenizer, s.max_prompt_tokens),
