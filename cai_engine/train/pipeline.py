@@ -11,7 +11,8 @@ before anything runs, what each stage will do:
   to `<run>/superseded/` (nothing is deleted), so outputs of two configs never mix.
 
 The plan printed at start gives each stage's work (prompts, tokens to generate, optimizer steps) and a
-time estimate from a throughput model calibrated on bench_sampler and bench_e2e (see `estimate_seconds`).
+time estimate from a throughput model calibrated on bench_sampler and bench_e2e, scaled to the machine's class
+(see `estimate_seconds`, `machine_speed`).
 """
 from __future__ import annotations
 
@@ -25,13 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..data.prompts import load_prompts
 from ..model.loading import parameter_count
 from ..errors import CheckpointError
 from ..io import read_json
 from .config import RunConfig, stage_key
 from .distributed import barrier, is_main
-from .precision import resolve_device
+from .precision import cpu_flags, resolve_device
 from .stages import STAGES, run_stage, stage_status
 
 model_parameters = functools.lru_cache(maxsize=8)(parameter_count)  # the plan asks twice; a GGUF header takes ~3 s
@@ -75,6 +78,10 @@ SCORE_RATE = 6000.0
 TRAIN_RATE = 700.0
 LOAD_SECONDS = 4.0
 CUDA_SPEEDUP = 30.0
+# Those rates are a 2-vCPU Sapphire Rapids VM's (AMX tiles). On a 2-vCPU AMD Zen 4 (AVX512-BF16, no AMX) the
+# default preset took 422 s against the 226 s they plan (386834f, bench/RESULTS.md; each stage 1.5-2.2x): its
+# bf16 GEMMs run at a fifth of AMX's rate, the memory-bound rest at about the same speed.
+NO_AMX_SLOWDOWN = 1.87
 REFERENCE_PARAMETERS = 135e6
 FLOOR_PARAMETERS = 20e6  # below this, per-token overheads dominate: a tiny model is not faster than this
 
@@ -132,9 +139,21 @@ def workload(config: RunConfig, stage: str, num_prompts: int) -> Workload:
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def estimate_seconds(work: Workload, parameters: int, device_type: str) -> float:
+def machine_speed(device: torch.device) -> tuple[float, str]:
+    """This machine's speed against the calibration VM's (the rates above), and what the figure rests on."""
+    if device.type == "cuda":
+        return CUDA_SPEEDUP, f"CPU calibration x{CUDA_SPEEDUP:g}, not GPU-calibrated"
+    flags = cpu_flags() or set()
+    if "amx_bf16" in flags:
+        return 1.0, "calibrated on a 2-vCPU Sapphire Rapids, AMX"
+    if "avx512_bf16" in flags:
+        return 1 / NO_AMX_SLOWDOWN, "calibrated on a 2-vCPU AMD Zen 4, AVX512-BF16"
+    return 1 / NO_AMX_SLOWDOWN, "a CPU without bf16 units: not calibrated, expect longer"
+
+
+def estimate_seconds(work: Workload, parameters: int, speed: float) -> float:
+    """Seconds for a stage's work with a model of `parameters`, on a machine `speed` times the calibration VM's."""
     scale = max(parameters, FLOOR_PARAMETERS) / REFERENCE_PARAMETERS
-    speed = CUDA_SPEEDUP if device_type == "cuda" else 1.0
     c = max(work.concurrency, 1)
     sample_rate = SAMPLE_RATE_ONE * c / (1 + (c - 1) / SAMPLE_HALF_BATCH)
     compute = (work.generated_tokens / sample_rate + work.scored_tokens / SCORE_RATE
@@ -174,6 +193,7 @@ def plan_pipeline(config: RunConfig, stages: list[str]) -> list[StagePlan]:
     run_dir = Path(config.run.dir)
     device = resolve_device(config.run.device)
     parameters = model_parameters(config.model.name)
+    speed, _ = machine_speed(device)
     plans, earlier_reruns = [], []
     for stage in stages:
         status, changed = stage_status(run_dir, stage, stage_key(config, stage))
@@ -190,7 +210,7 @@ def plan_pipeline(config: RunConfig, stages: list[str]) -> list[StagePlan]:
         if action in ("run", "rerun", "resume"):
             earlier_reruns.append(stage)
         work = workload(config, stage, stage_prompt_count(config, stage))
-        seconds = 0.0 if action == "skip" else estimate_seconds(work, parameters, device.type)
+        seconds = 0.0 if action == "skip" else estimate_seconds(work, parameters, speed)
         plans.append(StagePlan(stage, action, reason, work, seconds))
     return plans
 
@@ -212,7 +232,7 @@ def describe_plan(config: RunConfig, plans: list[StagePlan]) -> str:
         when = "-" if p.action == "skip" else _duration(p.seconds)
         lines.append(f"  {p.stage:<9} {p.action:<7} {when:>8}  {work}  ({p.reason})")
     total = sum(p.seconds for p in plans)
-    basis = "calibrated on a 2-core CPU" if device.type != "cuda" else f"CPU calibration x{CUDA_SPEEDUP:g}, not GPU-calibrated"
+    _, basis = machine_speed(device)
     lines.append(f"  total ~{_duration(total)} (estimates {basis}; generation lengths are upper bounds)")
     return "\n".join(lines)
 

@@ -1,9 +1,10 @@
 """Training precision: `bf16-mixed` keeps fp32 master weights, gradients and optimizer state and runs the
 matmuls of the forward and backward passes in bf16; `fp32` runs everything in fp32.
 
-On this project's CPUs (AVX512-BF16 / AMX) and on every GPU, bf16 matmuls are 4-6x faster than fp32, so
-`auto` picks bf16-mixed there. A pure-bf16 model (AdamW stepping bf16 weights) is never the answer: at lr 1e-5
-the update of any weight above ~0.003 in magnitude rounds away and the model barely learns.
+On this project's CPUs (AVX512-BF16 / AMX) and on every GPU, bf16 matmuls are 3-6x faster than fp32 (3x on AMD
+Zen 4, 4-6x with AMX), so `auto` picks bf16-mixed there. A pure-bf16 model (AdamW stepping bf16 weights) is
+never the answer: at lr 1e-5 the update of any weight above ~0.003 in magnitude rounds away and the model
+barely learns.
 """
 from __future__ import annotations
 
@@ -38,15 +39,21 @@ class Precision:
         return hidden.to(dtype), weight.to(dtype)
 
 
-def cpu_has_fast_bf16() -> tuple[bool, str]:
-    """AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo (Linux); False where it cannot be read."""
+def cpu_flags() -> set[str] | None:
+    """The first CPU's feature flags from /proc/cpuinfo (Linux); None where they cannot be read."""
     try:
-        flags = set()
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                flags.update(line.split(":", 1)[1].split())
-                break
+                return set(line.split(":", 1)[1].split())
     except OSError:
+        pass
+    return None
+
+
+def cpu_has_fast_bf16() -> tuple[bool, str]:
+    """AVX512-BF16 or AMX-BF16; False where the flags cannot be read."""
+    flags = cpu_flags()
+    if flags is None:
         return False, "CPU flags unreadable"
     found = [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
     return bool(found), ("CPU has " + " and ".join(found)) if found else "CPU has neither AVX512-BF16 nor AMX-BF16"
@@ -67,7 +74,7 @@ def resolve_precision(mode: str, device: torch.device) -> Precision:
     if mode == "bf16-mixed":
         return Precision("bf16-mixed", "bf16-mixed as configured" + ("" if fast else f" ({why}: bf16 will be slow)"))
     if fast:
-        return Precision("bf16-mixed", f"{why}: bf16 matmuls are 4-6x faster than fp32 here")
+        return Precision("bf16-mixed", f"{why}: bf16 matmuls are 3-6x faster than fp32 here")
     return Precision("fp32", f"{why}: bf16 matmuls would be slower than fp32")
 
 
