@@ -74,6 +74,23 @@ def test_sliding_window_matches_transformers():
         assert (ours.logits(ids) - hf_logits(hf, ids)).abs().max() < ATOL
 
 
+def test_sliding_window_counts_positions_in_a_shared_prompt_row():
+    """[prompt | answer 1 | answer 2] packed as the PM and RL trainers pack it: the window measures each answer's
+    distance to the prompt by position, so the second answer sees what it would see run alone."""
+    from cai_engine.model.heads import pack_shared
+    hf, ours = hf_and_ours("mistral", False, sliding_window=6, attn_implementation="eager")
+    prompt, answers = torch.randint(0, 300, (5,)).tolist(), [torch.randint(0, 300, (n,)).tolist() for n in (7, 4)]
+    packed = pack_shared([(prompt, answers)], pad_id=0)
+    with torch.no_grad():
+        got = ours.logits(packed.input_ids, position_ids=packed.position_ids, attn_mask=packed.attn_mask)[0]
+    start = len(prompt)
+    for answer in answers:
+        ref = hf_logits(hf, torch.tensor([prompt + answer]))[0]
+        assert (got[:len(prompt)] - ref[:len(prompt)]).abs().max() < ATOL
+        assert (got[start:start + len(answer)] - ref[len(prompt):]).abs().max() < ATOL
+        start += len(answer)
+
+
 def test_kv_cache_decoding_matches_full_forward():
     _, ours = hf_and_ours("qwen2", False, seed=3)
     ids = torch.randint(0, 300, (2, 15))

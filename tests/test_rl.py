@@ -98,6 +98,22 @@ def test_ppo_with_a_critic_from_the_pm_runs_and_logs_everything(tmp_path, rl_set
         assert key in record, key
 
 
+@pytest.mark.parametrize("samples, prompts_per_batch, minibatches, repeated", [(2, 3, 3, 0), (1, 5, 4, 1)])
+def test_a_rollout_of_fewer_prompts_than_minibatches_trains_every_row(tmp_path, rl_setup, samples,
+                                                                      prompts_per_batch, minibatches, repeated):
+    """The epoch's last rollout (8 prompts: 3 + 3 + 2, or 5 + 3) holds fewer prompts than minibatches: they are
+    drawn from rows then, and with fewer rows than minibatches (3 rows, 4 minibatches) one row trains twice."""
+    config = rl_config(rl_setup, tmp_path, "rl.algorithm=ppo", "rl.value_model=head", "rl.epochs=1",
+                       f"rl.samples_per_prompt={samples}", f"rl.prompts_per_batch={prompts_per_batch}",
+                       f"rl.minibatches={minibatches}", "rl.epochs_per_batch=1")
+    train_rl(config, reward=share_of_target, log=lambda _: None, progress=False)
+    records = read_jsonl(tmp_path / "rl" / "metrics.jsonl")
+    rollouts = -(-8 // prompts_per_batch)
+    assert len(records) == rollouts * minibatches
+    assert all(r["examples"] > 0 for r in records)
+    assert sum(r["examples"] for r in records) == 8 * samples + repeated  # every sampled answer trained
+
+
 def test_sampler_and_trainer_logprobs_agree_in_fp32(rl_setup, tokenizer):
     """The engine's log-probs of its sampled tokens equal the trainer's recomputation (fp32, temperature 1):
     the importance weights are then exactly 1, and in bf16 they measure the gap the trainer corrects."""
@@ -237,9 +253,8 @@ def test_shared_prompts_score_and_train_as_separate_rows(rl_setup, mode):
     answers = [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (4, 9, 1, 6, 2, 11)]
     separate = sequences([prompt_of[g] for g in groups], answers, 0)
     shared = {**separate, "group": torch.tensor(groups)}
-    packed, _ = shared_prompt_rows(shared)
-    assert int(packed.attention_mask.sum()) == sum(map(len, prompt_of)) + sum(map(len, answers))
-    assert int(packed.attention_mask.sum()) < int(separate["attention_mask"].sum())
+    packed_tokens = int(shared_prompt_rows(shared)["packed_attention_mask"].sum())
+    assert packed_tokens == sum(map(len, prompt_of)) + sum(map(len, answers)) < int(separate["attention_mask"].sum())
     lengths = separate["attention_mask"].sum(1)  # 11, 12, 8, 11, 5, 18: groups' longest 18, 12, 11
     assert length_chunks(lengths, 3, groups=shared["group"]) == [[3, 1, 4], [0, 2, 5]]
     assert length_chunks(lengths, 2, groups=shared["group"]) == [[0, 2], [3], [1, 4], [5]]  # group 0 cut in two

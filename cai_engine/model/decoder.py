@@ -299,7 +299,11 @@ class Transformer(nn.Module):
             return ctx
         offset = cache.length if cache is not None else 0
         mask = _causal(T, offset + T, offset, x.device).expand(B, 1, T, offset + T)
-        if window is not None:
+        if window is not None and cache is None:
+            # by position, not column: in a packed row (pack_shared) an answer sits further right than its
+            # distance to the prompt it continues, and each sequence's positions restart
+            mask = mask & (position_ids[:, :, None] - position_ids[:, None, :] < window)[:, None]
+        elif window is not None:
             q = torch.arange(offset, offset + T, device=x.device)[:, None]
             mask = mask & (q - torch.arange(offset + T, device=x.device)[None, :] < window)
         if attention_mask is not None:

@@ -195,7 +195,8 @@ class RLSection:
     prompts_per_batch: int = setting(16, "prompts per rollout batch", check="positive")
     samples_per_prompt: int = setting(2, "answers sampled per prompt (RLOO needs >= 2)", check="positive")
     share_prompts: bool = setting(True, "run each prompt once for all its answers in the trainer's forward passes "
-                                  "(the answers attend to the prompt and to themselves; one row each when false)")
+                                  "(the answers attend to the prompt and to themselves; one row each when false); "
+                                  "PPO minibatches then hold whole prompts' answers")
     max_new_tokens: int = setting(128, "answer tokens sampled at most", check="positive")
     max_prompt_tokens: int = setting(512, "prompt tokens kept (the end of a long conversation)", check="positive")
     temperature: float = setting(1.0, "sampling temperature (the trainer scores at the same one)", check="positive")

@@ -28,7 +28,7 @@ from ..data.comparisons import DataError
 from ..data.prompts import Prompt, load_prompts
 from ..engine import LLM, SamplingParams
 from ..model.decoder import Transformer
-from ..model.heads import PackedBatch, RewardModel, pack_separate, pack_shared
+from ..model.heads import RewardModel, pack_separate, pack_shared
 from ..model.loading import load_model, save_model
 from ..model.tokenizer import Tokenizer
 from ..ops import full_kl, kl_penalty, token_logprobs
@@ -111,24 +111,27 @@ def length_chunks(lengths: Tensor, max_rows: int, max_tokens: int = 0, groups: T
 
 def trimmed(batch: dict[str, Tensor], rows: list[int]) -> dict[str, Tensor]:
     """The batch's `rows`, cut after the last token of the longest: with right padding no earlier position reads
-    the columns cut (causal attention), so every per-token result is the untrimmed batch's."""
-    picked = {k: v[rows] for k, v in batch.items()}
+    the columns cut (causal attention), so every per-token result is the untrimmed batch's. With rollout groups
+    the chunk's packing (`shared_prompt_rows`) comes with it, made once for every model that reads the chunk."""
+    picked = {k: v[rows] for k, v in batch.items() if not k.startswith("packed_")}
     width = int(picked["attention_mask"].sum(1).max())
-    return {k: v[:, :width] if v.dim() == 2 else v for k, v in picked.items()}
+    chunk = {k: v[:, :width] if v.dim() == 2 else v for k, v in picked.items()}
+    return chunk | shared_prompt_rows(chunk) if "group" in chunk else chunk
 
 
-def shared_prompt_rows(batch: dict[str, Tensor]) -> tuple[PackedBatch, Tensor] | None:
+def shared_prompt_rows(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The batch's rows packed one row per rollout group (`batch["group"]`, rows of the same prompt tokens):
     [prompt | answer_1 | answer_2 | ...], each answer attending to the prompt and to itself (`pack_shared`, as the
-    PM trainer packs), and for each row position the flat index of its packed position [S, W] (padding reads
-    the row's last token). None when no two rows share a prompt."""
+    PM trainer packs), as `packed_*` tensors on the batch's device, with `packed_index` [S, W]: for each row
+    position the flat index of its packed position (padding reads the row's last token). Empty when no two rows
+    share a prompt."""
     tokens, lengths = batch["tokens"].cpu(), batch["attention_mask"].sum(1).tolist()
     prompt_lengths = (batch["answer_mask"].long().argmax(1) + 1).tolist()  # the last prompt token starts the mask
     groups: dict[tuple, list[int]] = {}
     for row, group in enumerate(batch["group"].tolist()):
         groups.setdefault((group, tuple(tokens[row, :prompt_lengths[row]].tolist())), []).append(row)
     if len(groups) == len(lengths):
-        return None
+        return {}
     packed = pack_shared([(list(prompt), [tokens[r, len(prompt):lengths[r]].tolist() for r in rows])
                           for (_, prompt), rows in groups.items()], pad_id=0)
     width, packed_width = tokens.shape[1], packed.input_ids.shape[1]
@@ -140,22 +143,24 @@ def shared_prompt_rows(batch: dict[str, Tensor]) -> tuple[PackedBatch, Tensor] |
             columns = torch.cat([torch.arange(len(prompt)), torch.arange(start, start + answer)])
             index[r] = g * packed_width + torch.cat([columns, columns[-1:].expand(width - lengths[r])])
             start += answer
-    return packed, index
+    device = batch["tokens"].device
+    return {"packed_tokens": packed.input_ids.to(device), "packed_positions": packed.position_ids.to(device),
+            "packed_attention_mask": packed.attention_mask.to(device), "packed_attn_mask": packed.attn_mask.to(device),
+            "packed_index": index.to(device)}
 
 
 def row_hidden(model: Transformer, batch: dict[str, Tensor]) -> Tensor:
     """Final hidden states [S, W, d] of the batch's prompt + answer rows. With `batch["group"]` the answers to
-    one prompt run as one packed row, the prompt once (`shared_prompt_rows`), and are gathered back into the
-    row layout: each state is the unpacked row's up to rounding, and the gather's backward sums a prompt
-    position's gradient over its answers. One row per answer without it (`rl.share_prompts = false`)."""
-    packing = shared_prompt_rows(batch) if "group" in batch else None
-    if packing is None:
+    one prompt run as one packed row, the prompt once (`shared_prompt_rows`; `trimmed` packs a chunk once for
+    all its models), and are gathered back into the row layout: each state is the unpacked row's up to
+    rounding, and the gather's backward sums a prompt position's gradient over its answers. One row per answer
+    without groups (`rl.share_prompts = false`) or when no two rows share a prompt."""
+    packed = batch if "packed_index" in batch or "group" not in batch else shared_prompt_rows(batch)
+    if "packed_index" not in packed:
         return model(batch["tokens"], attention_mask=batch["attention_mask"])
-    packed, index = packing
-    packed = packed.to(batch["tokens"].device)
-    hidden = model(packed.input_ids, position_ids=packed.position_ids, attention_mask=packed.attention_mask,
-                   attn_mask=packed.attn_mask)
-    return hidden.reshape(-1, hidden.shape[-1])[index.to(hidden.device)]
+    hidden = model(packed["packed_tokens"], position_ids=packed["packed_positions"],
+                   attention_mask=packed["packed_attention_mask"], attn_mask=packed["packed_attn_mask"])
+    return hidden.reshape(-1, hidden.shape[-1])[packed["packed_index"]]
 
 
 def score_answers(model: Transformer, head: Tensor, batch: dict[str, Tensor], precision: Precision,
@@ -370,12 +375,17 @@ class RLTrainer:
         if update == 0 or self.buffer is None or self.buffer_step != step - update:
             self.rollout(step - update, examples)
         s, groups = self.settings, self.buffer.get("group")
+        rows = self.buffer["tokens"].shape[0]
+        if groups is not None and len(set(groups.tolist())) < s.minibatches:
+            groups = None  # too few prompts (an epoch's last rollout) to give every minibatch a whole group
         # minibatches of whole rollout groups (of rows without sharing), so that a group's prompt runs once
-        owners = groups.tolist() if groups is not None else list(range(self.buffer["tokens"].shape[0]))
+        owners = groups.tolist() if groups is not None else list(range(rows))
         units = sorted(set(owners))
         epoch, minibatch = divmod(update, s.minibatches)
         order = epoch_order(len(units), self.seed + 7919 * self.buffer_step, epoch)
-        picked = {units[i] for i in order[minibatch::s.minibatches]}
+        # fewer rows than minibatches (one answer a prompt, a last rollout of few prompts): a minibatch that would
+        # be empty takes a row a second time rather than stepping on nothing
+        picked = {units[i] for i in order[minibatch::s.minibatches]} or {units[order[minibatch % len(units)]]}
         chosen = [row for row, owner in enumerate(owners) if owner in picked]
         lengths = self.buffer["attention_mask"][chosen].sum(1)
         chunks = length_chunks(lengths, s.micro_rows, groups=None if groups is None else groups[chosen])
