@@ -26,7 +26,7 @@ from .linear import TILE_K
 def kernel_preferred() -> bool:
     """AMX tiles only: the gain was measured there. On AMD Zen 4 (VDPBF16PS, no AMX; the kernel's vector path,
     tested with CAI_ENGINE_AMX=0) oneDNN's weight gradient already runs at its forward speed, and the kernel
-    was 4% slower inside the decoder (16 rows x 174 tokens, forward + backward: 6.19 s vs 6.0 s), so autocast's
+    was 4% slower inside the decoder (16 rows x 174 tokens, forward + backward: 6.19 s vs 5.96 s), so autocast's
     linear stays there."""
     from .. import _native
     return bool(_native.amx_available())
