@@ -34,7 +34,7 @@ from ..errors import CheckpointError
 from ..io import read_json
 from .config import RunConfig, stage_key
 from .distributed import barrier, is_main
-from .precision import cpu_flags, resolve_device
+from .precision import cpu_flags, resolve_device, resolve_precision
 from .stages import STAGES, run_stage, stage_status
 
 model_parameters = functools.lru_cache(maxsize=8)(parameter_count)  # the plan asks twice; a GGUF header takes ~3 s
@@ -139,11 +139,13 @@ def workload(config: RunConfig, stage: str, num_prompts: int) -> Workload:
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def machine_speed(device: torch.device) -> tuple[float, str]:
+def machine_speed(device: torch.device, precision_mode: str) -> tuple[float, str]:
     """This machine's speed against the calibration VM's (the rates above), and what the figure rests on."""
     if device.type == "cuda":
         return CUDA_SPEEDUP, f"CPU calibration x{CUDA_SPEEDUP:g}, not GPU-calibrated"
     flags = cpu_flags() or set()
+    if resolve_precision(precision_mode, device).mode == "fp32":  # both calibrations ran bf16-mixed
+        return 1 / NO_AMX_SLOWDOWN, "fp32: not calibrated (bf16-mixed figures), expect longer"
     if "amx_bf16" in flags:
         return 1.0, "calibrated on a 2-vCPU Sapphire Rapids, AMX"
     if "avx512_bf16" in flags:
@@ -193,7 +195,7 @@ def plan_pipeline(config: RunConfig, stages: list[str]) -> list[StagePlan]:
     run_dir = Path(config.run.dir)
     device = resolve_device(config.run.device)
     parameters = model_parameters(config.model.name)
-    speed, _ = machine_speed(device)
+    speed, _ = machine_speed(device, config.precision.mode)
     plans, earlier_reruns = [], []
     for stage in stages:
         status, changed = stage_status(run_dir, stage, stage_key(config, stage))
@@ -232,7 +234,7 @@ def describe_plan(config: RunConfig, plans: list[StagePlan]) -> str:
         when = "-" if p.action == "skip" else _duration(p.seconds)
         lines.append(f"  {p.stage:<9} {p.action:<7} {when:>8}  {work}  ({p.reason})")
     total = sum(p.seconds for p in plans)
-    _, basis = machine_speed(device)
+    _, basis = machine_speed(device, config.precision.mode)
     lines.append(f"  total ~{_duration(total)} (estimates {basis}; generation lengths are upper bounds)")
     return "\n".join(lines)
 
