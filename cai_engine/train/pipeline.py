@@ -145,7 +145,7 @@ def machine_speed(device: torch.device, precision_mode: str) -> tuple[float, str
         return CUDA_SPEEDUP, f"CPU calibration x{CUDA_SPEEDUP:g}, not GPU-calibrated"
     flags = cpu_flags() or set()
     if resolve_precision(precision_mode, device).mode == "fp32":  # both calibrations ran bf16-mixed
-        return 1 / NO_AMX_SLOWDOWN, "fp32: not calibrated (bf16-mixed figures), expect longer"
+        return 1 / NO_AMX_SLOWDOWN, "fp32: not calibrated, bf16-mixed figures"
     if "amx_bf16" in flags:
         return 1.0, "calibrated on a 2-vCPU Sapphire Rapids, AMX"
     if "avx512_bf16" in flags:
