@@ -88,14 +88,15 @@ def test_pipeline_on_two_processes_matches_one(tmp_path):
 
 
 def _killed_mid_critique(run: Path, args: list[str]) -> None:
-    """Start a 2-process critique and SIGKILL every process of it once a shard holds a whole record."""
+    """Start a 2-process critique and SIGKILL every process of it once rank 0's shard holds a whole record.
+    Rank 1 may be anywhere by then, from nothing written to its whole block done and waiting at the gather:
+    the two ranks are not in step (a busy machine can let one run its whole block before the other's first)."""
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "cai_engine.train", *args], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    shards = [shard_path(run / "critique" / "revisions.jsonl", index, 2) for index in range(2)]
+    first = shard_path(run / "critique" / "revisions.jsonl", 0, 2)
     deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline and \
-            not all(shard.is_file() and b"\n" in shard.read_bytes() for shard in shards):
+    while proc.poll() is None and time.time() < deadline and not (first.is_file() and b"\n" in first.read_bytes()):
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed; give it more prompts"
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers: its own session
@@ -109,11 +110,11 @@ def test_sharded_critique_killed_resumes_to_the_same_output(tmp_path, capsys):
     run = tmp_path / "two"
     _killed_mid_critique(run, [*args, "--run-dir", str(run)])
     out = run / "critique" / "revisions.jsonl"
-    assert not out.exists() and 0 < len(read_jsonl(shard_path(out, 1, 2))) < 6
+    assert not out.exists() and 0 < len(read_jsonl(shard_path(out, 0, 2))) < 6  # rank 0 stopped mid-block
     capsys.readouterr()
     assert train_main([*args, "--run-dir", str(run)]) == 2  # another world size: refused, naming the shards
     err = capsys.readouterr().err
-    assert "revisions.rank0-of-2.jsonl, revisions.rank1-of-2.jsonl" in err and "--nproc_per_node 2" in err
+    assert "revisions.rank0-of-2.jsonl" in err and "--nproc_per_node 2" in err
     resumed = torchrun([*args, "--run-dir", str(run)])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "already there" in resumed.stdout and "(0 already there)" not in resumed.stdout
