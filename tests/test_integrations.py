@@ -419,11 +419,13 @@ def test_trl_head_outputs_match_trl_kernel():
 
 
 def test_sdpa_attention_runs_ours_in_bf16_and_unpatches(monkeypatch):
-    """patch(model) switches a model that runs SDPA to our attention (bf16 here, so our kernels run): the loss and
-    every gradient stay within bf16 rounding of transformers' SDPA; patch_transformers does it for new models;
-    unpatching gives SDPA back."""
+    """patch(model) switches a model that runs SDPA to our attention (bf16 here, so our kernels run where the CPU
+    has them; elsewhere our op takes its torch path): the loss and every gradient stay within bf16 rounding of
+    transformers' SDPA; patch_transformers does it for new models; unpatching gives SDPA back."""
+    from cai_engine import _native
     from cai_engine.integrations import attention as attention_integration
     from cai_engine.ops.attention import _native_fits
+    kernels = _native.bf16_kernels_available()
     calls = []
     original = attention_integration.attention
     monkeypatch.setattr(attention_integration, "attention",
@@ -439,7 +441,7 @@ def test_sdpa_attention_runs_ours_in_bf16_and_unpatches(monkeypatch):
         patched_model = integrations.patch(model())
         assert patched_model.config._attn_implementation == attention_integration.NAME
         patched = loss_and_grads(patched_model, batch)
-        assert len(calls) == 2 and all(calls)  # both layers, each on our kernels
+        assert len(calls) == 2 and all(calls) == kernels  # both layers, each on our kernels where they run
         torch.testing.assert_close(patched[0].loss, reference[0].loss, atol=0.02, rtol=0.01)
         for name, grad in reference[1].items():
             error = float((patched[1][name].float() - grad.float()).abs().max() / grad.float().abs().max())

@@ -17,7 +17,9 @@ def test_wheel_contains_native_module_and_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("cai_engine/_native") and n.endswith(".so") for n in names)
     for module in ("kernels/__init__.py", "kernels/logprob.py", "kernels/pm_loss.py", "ops/logprob.py",
-                   "model/decoder.py", "engine/llm.py", "train/__main__.py", "data/comparisons.py"):
+                   "model/decoder.py", "engine/llm.py", "train/__main__.py", "data/comparisons.py",
+                   "cai/constitution.py", "cai/critique.py", "data/prompts.py",
+                   "cai/data/constitution.toml", "data/builtin_prompts.jsonl"):  # data files too: the stages read them
         assert f"cai_engine/{module}" in names, module
 
 

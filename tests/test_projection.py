@@ -13,10 +13,9 @@ from cai_engine.model.decoder import Transformer
 from cai_engine.ops import projection as projection_mod
 from cai_engine.ops.projection import project
 
+needs_kernels = pytest.mark.skipif(not _native.bf16_kernels_available(), reason="CPU lacks AVX512-BF16")
 PATHS = [pytest.param("amx", marks=pytest.mark.skipif(not _native.amx_available(), reason="CPU lacks AMX-BF16")),
-         pytest.param("vectors", marks=pytest.mark.skipif(not _native.bf16_kernels_available(),
-                                                          reason="CPU lacks AVX512-BF16")),
-         "torch"]
+         pytest.param("vectors", marks=needs_kernels), "torch"]
 
 
 @pytest.fixture
@@ -78,6 +77,7 @@ def test_values_and_gradients_against_float64(path, tokens, bias):
         assert relative(lin.bias.grad, want_b) < (1e-5 if path != "torch" else 8e-3)
 
 
+@needs_kernels
 def test_forward_is_autocasts_and_weight_gradient_is_finer_than_its(kernel_calls, monkeypatch):
     """The same forward bits as autocast's nn.Linear (the same bf16 GEMM); the weight gradient from fp32 sums where
     autocast's is rounded to bf16: over 700 tokens the kernel's is ~1e-6 from float64, autocast's ~1e-3."""
@@ -100,6 +100,7 @@ def test_forward_is_autocasts_and_weight_gradient_is_finer_than_its(kernel_calls
     assert relative(results["native"][1], want_w) < 1e-5 < relative(results["torch"][1], want_w)
 
 
+@needs_kernels
 def test_dispatch(kernel_calls, monkeypatch):
     """The kernel only where it applies: bf16 autocast on CPU, an fp32 weight that wants its gradient, feature
     counts that fill 32-wide tiles. Everything else is the module itself."""
@@ -130,6 +131,7 @@ def test_dispatch(kernel_calls, monkeypatch):
     assert not runs_kernel(layer(64, 32, bias=False))
 
 
+@needs_kernels
 def test_decoder_layers_train_through_the_kernel(kernel_calls, monkeypatch):
     """A bf16-mixed training step of the decoder takes the kernel for every one of its seven projections a layer,
     and gives the torch path's loss and gradients up to the bf16 rounding of autocast's weight gradients."""
