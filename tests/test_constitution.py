@@ -8,7 +8,6 @@ import pytest
 from cai_engine.cai import Constitution, ConstitutionError
 
 
-
 def test_default_constitution_is_complete():
     c = Constitution.load("")
     assert len(c.critique_principles) >= 16 and len(c.comparison_principles) >= 16
