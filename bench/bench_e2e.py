@@ -63,6 +63,7 @@ def main() -> int:
         args += ["--set", assignment]
     planned = estimates(args)
     log = run_dir.parent / "e2e.log"
+    log.parent.mkdir(parents=True, exist_ok=True)  # a --run-dir that does not exist yet
     rows, total = [], 0.0
     for stage in STAGES:
         seconds, peak, code = run_stage(args, stage, log)

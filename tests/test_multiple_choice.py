@@ -95,9 +95,9 @@ def test_bad_questions_are_named(models):
 
 
 def test_fast_dtype(monkeypatch):
-    monkeypatch.setattr(multiple_choice, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(multiple_choice, "cpu_has_fast_bf16", lambda: (True, "AMX"))
     assert fast_dtype("cpu") == torch.bfloat16
-    monkeypatch.setattr(multiple_choice, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(multiple_choice, "cpu_has_fast_bf16", lambda: (False, "none"))
     assert fast_dtype("cpu") == torch.float32
 
 

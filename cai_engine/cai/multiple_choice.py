@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -25,19 +24,9 @@ from tqdm import tqdm
 from ..model.decoder import Transformer
 from ..model.tokenizer import Tokenizer
 from ..ops import token_logprobs
+from ..ops.backend import cpu_has_fast_bf16
 
 ANSWER_LEAD = "The answer is:"
-
-
-@lru_cache(maxsize=None)
-def _cpu_has_bf16() -> bool:
-    """Native bf16 dot products (AVX512-BF16 or AMX): where bf16 GEMMs beat fp32 on a CPU."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:  # not Linux: no cheap way to tell, stay exact
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def fast_dtype(device: str | torch.device) -> torch.dtype:
@@ -45,7 +34,7 @@ def fast_dtype(device: str | torch.device) -> torch.dtype:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16()[0] else torch.float32
 
 
 def chat_wrap(tokenizer: Tokenizer, text: str, lead: str = ANSWER_LEAD) -> str:

@@ -30,11 +30,12 @@ import torch
 
 from ..data.prompts import load_prompts
 from ..model.loading import parameter_count
+from ..ops.backend import cpu_flags
 from ..errors import CheckpointError
 from ..io import read_json
 from .config import RunConfig, stage_key
 from .distributed import barrier, is_main
-from .precision import cpu_flags, resolve_device, resolve_precision
+from .precision import resolve_device, resolve_precision
 from .stages import STAGES, run_stage, stage_status
 
 model_parameters = functools.lru_cache(maxsize=8)(parameter_count)  # the plan asks twice; a GGUF header takes ~3 s

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from ..ops.backend import cpu_has_fast_bf16
 
 MODES = ("auto", "bf16-mixed", "fp32")
 
@@ -37,26 +38,6 @@ class Precision:
         bf16 under bf16-mixed, so the head GEMMs run in bf16 while gradients flow back to fp32 masters."""
         dtype = self.compute_dtype
         return hidden.to(dtype), weight.to(dtype)
-
-
-def cpu_flags() -> set[str] | None:
-    """The first CPU's feature flags from /proc/cpuinfo (Linux); None where they cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
-def cpu_has_fast_bf16() -> tuple[bool, str]:
-    """AVX512-BF16 or AMX-BF16; False where the flags cannot be read."""
-    flags = cpu_flags()
-    if flags is None:
-        return False, "CPU flags unreadable"
-    found = [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
-    return bool(found), ("CPU has " + " and ".join(found)) if found else "CPU has neither AVX512-BF16 nor AMX-BF16"
 
 
 def resolve_precision(mode: str, device: torch.device) -> Precision:
