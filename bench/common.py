@@ -119,8 +119,11 @@ def cpu_model() -> str:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     except OSError:
         pass
+    from cai_engine.ops.backend import cpu_flags
+    flags = cpu_flags() or frozenset()
+    vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     bf16 = ("AMX-BF16" if _native.amx_available() else "AVX512-BF16, no AMX") if _native.bf16_kernels_available() \
-        else "no bf16 instructions"
+        else f"{vectors}, no bf16 instructions"
     return f"{name} ({bf16})"
 
 

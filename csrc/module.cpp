@@ -6,6 +6,7 @@
 #include "decode_layer.h"
 #include "logprob.h"
 #include "linear_bf16.h"
+#include "linear_f32.h"
 #include "linear_grad_bf16.h"
 #include "logprob_bf16.h"
 #include "paged_attention.h"
@@ -58,6 +59,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("out"), py::arg("norm_weight") = py::none(), py::arg("eps") = 0.f,
         "out = silu(h @ gate_weight.T) * (h @ up_weight.T) from bf16 operands, rounded once; h = rms_norm(x) with "
         "norm_weight, else x.");
+  m.def("linear_f32", &linear_f32, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"),
+        "out = x @ weight.T (+ bias) in float32 on AVX2 + FMA, each weight row streamed once for all of x's rows: "
+        "the sampling engine's decode steps on CPUs that sample in fp32.");
+  m.def("linear_f32_available", &linear_f32_available, "Whether linear_f32 runs here (AVX2 and FMA).");
   m.def("linear_weight_grad_bf16", &linear_weight_grad_bf16, py::arg("grad_out"), py::arg("x"), py::arg("out"),
         "out = grad_out.T @ x on AMX tiles (VDPBF16PS without): the weight gradient of a bf16 linear layer, "
         "accumulated and written in float32.");

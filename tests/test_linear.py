@@ -143,3 +143,75 @@ def test_native_entry_point_names_bad_inputs():
         _native.linear_bf16(i16(x), [i16(w)], [None], [i16(out)], residual=i16(bf16(3, 8)))
     with pytest.raises(ValueError, match=r"norm_weight: expected size 64 on axis 0, got 63"):
         _native.gated_linear_bf16(i16(x), i16(w), i16(w), i16(out), norm_weight=torch.ones(63).numpy(), eps=1e-5)
+
+
+# ------------------------------------------------------------------ fp32 steps: the AVX2 kernel (CPUs without bf16)
+
+needs_avx2 = pytest.mark.skipif(not _native.linear_f32_available(), reason="CPU lacks AVX2 + FMA")
+
+
+@pytest.fixture
+def f32_calls(monkeypatch):
+    """Forces the fp32 kernel's dispatch (on any AVX2 CPU: it is only preferred where bf16 is slow) and counts
+    its calls."""
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
+    monkeypatch.setattr(linear_mod, "f32_kernel_preferred", lambda: True)
+    calls = []
+    real = _native.linear_f32
+    monkeypatch.setattr(_native, "linear_f32", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    return calls
+
+
+@needs_avx2
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 32])
+@pytest.mark.parametrize("n_out", [1, 3, 6, 40, 301])
+@pytest.mark.parametrize("k", [8, 72, 576])
+def test_fp32_kernel_matches_float64(f32_calls, rows, n_out, k):
+    """Every remainder of the kernel's 4-row x 3-token register blocks, with and without bias and residual: fp32
+    accumulation over K, against float64 of the same inputs."""
+    g = torch.Generator().manual_seed(rows * 1000 + n_out)
+    x, weight = torch.randn(rows, k, generator=g), torch.randn(n_out, k, generator=g)
+    bias, residual = torch.randn(n_out, generator=g), torch.randn(rows, n_out, generator=g)
+    want = x.double() @ weight.double().T + bias.double()
+    bound = dict(rtol=1e-5, atol=1e-5 * k ** 0.5)
+    torch.testing.assert_close(linear(x, weight, bias).double(), want, **bound)
+    torch.testing.assert_close(linear(x, weight).double(), want - bias.double(), **bound)
+    torch.testing.assert_close(linear(x, weight, bias, residual=residual).double(), want + residual.double(), **bound)
+    assert len(f32_calls) == 3
+
+
+@needs_avx2
+def test_fp32_engine_ops_take_the_kernel_at_step_sizes_only(f32_calls):
+    """linears (with its input norm), gated_linear and the fp32 logits of a step run the kernel; more rows than a
+    step (a prefill chunk), autograd, bf16 and a K that is no multiple of 8 run torch's GEMM."""
+    g = torch.Generator().manual_seed(0)
+    x, norm = torch.randn(5, 64, generator=g), torch.rand(64, generator=g) + 0.5
+    weights = [torch.randn(n, 64, generator=g) for n in (64, 16, 16)]
+    got = linears(x, weights, norm=(norm, 1e-5))
+    h = rms_norm_reference(x.double(), norm.double(), 1e-5)
+    for y, w in zip(got, weights):
+        torch.testing.assert_close(y.double(), h @ w.double().T, rtol=1e-5, atol=1e-5)
+    gate, up = torch.randn(96, 64, generator=g), torch.randn(96, 64, generator=g)
+    torch.testing.assert_close(gated_linear(x, gate, up).double(),
+                               F.silu(x.double() @ gate.double().T) * (x.double() @ up.double().T), rtol=1e-5, atol=1e-5)
+    assert len(f32_calls) == 5
+    f32_calls.clear()
+    linear(torch.randn(33, 64), weights[0])                    # a prefill chunk
+    linear(x.requires_grad_(), weights[0])                      # autograd
+    linear(x.detach().bfloat16(), weights[0].bfloat16())        # bf16: the tiles or torch
+    linear(torch.randn(5, 60), torch.randn(8, 60))              # K not a multiple of 8
+    assert not f32_calls
+    head = torch.empty(8192, 576)  # 18 MiB: the LM head, which no cache holds, takes the kernel up to 128 rows
+    linear(torch.randn(128, 576), head, out_dtype=torch.float32)
+    assert len(f32_calls) == 1
+    linear(torch.randn(129, 576), head, out_dtype=torch.float32)
+    assert len(f32_calls) == 1
+
+
+@needs_avx2
+def test_fp32_kernel_names_bad_inputs():
+    x, out = torch.zeros(2, 12).numpy(), torch.zeros(2, 4).numpy()
+    with pytest.raises(ValueError, match="multiple of 8, got 12"):
+        _native.linear_f32(x, torch.zeros(4, 12).numpy(), None, out)
+    with pytest.raises(ValueError, match="weight: expected size 16 on axis 1, got 8"):
+        _native.linear_f32(torch.zeros(2, 16).numpy(), torch.zeros(4, 8).numpy(), None, out)

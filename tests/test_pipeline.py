@@ -105,11 +105,13 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
 @pytest.mark.parametrize("flags, mode, slowdown, basis", [
     ({"amx_bf16", "avx512_bf16"}, "bf16-mixed", 1.0, "calibrated on a 2-vCPU Sapphire Rapids, AMX"),
     ({"avx512_bf16"}, "bf16-mixed", pipeline.NO_AMX_SLOWDOWN, "calibrated on a 2-vCPU AMD Zen 4, AVX512-BF16"),
-    (None, "bf16-mixed", pipeline.NO_AMX_SLOWDOWN, "a CPU without bf16 units: not calibrated"),
-    ({"amx_bf16", "avx512_bf16"}, "fp32", pipeline.NO_AMX_SLOWDOWN, "fp32: not calibrated")])
+    ({"avx2", "fma"}, "bf16-mixed", pipeline.FP32_AVX2_SLOWDOWN, "bf16 on a CPU without bf16 units: not calibrated"),
+    ({"avx2", "fma"}, "fp32", pipeline.FP32_AVX2_SLOWDOWN, "calibrated on a 2-vCPU AMD Zen 3 in fp32"),
+    (None, "fp32", pipeline.FP32_AVX2_SLOWDOWN, "fp32: not calibrated on this CPU"),
+    ({"amx_bf16", "avx512_bf16"}, "fp32", pipeline.FP32_AVX2_SLOWDOWN, "fp32: not calibrated on this CPU")])
 def test_the_plan_scales_its_estimates_to_the_cpu_class(tmp_path, capsys, monkeypatch, flags, mode, slowdown, basis):
-    """Calibrated on two CPUs that run the default preset 1.87x apart, both in bf16-mixed: the estimate follows
-    the CPU's class, and says where it is not calibrated."""
+    """Calibrated on three CPUs: AMX and Zen 4 in bf16-mixed (1.87x apart), Zen 3 in fp32 (8.35x the AMX one's
+    time): the estimate follows the CPU's class and precision, and says where it is not calibrated."""
     monkeypatch.setattr(pipeline, "cpu_flags", lambda: flags)
     work = pipeline.Workload(prompts=8, generated_tokens=1024, trained_tokens=4096, model_loads=1, concurrency=8)
     speed, _ = pipeline.machine_speed(torch.device("cpu"), mode)

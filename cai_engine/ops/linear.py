@@ -5,8 +5,10 @@ Native path: bf16 on CPUs with AMX (csrc/linear_bf16.cpp). oneDNN's bf16 GEMM la
 call, which at a decode step's few rows costs more than the product itself; the tile kernel reads each weight as
 stored (no second copy to refresh after an optimizer step), packs the step's tokens once for all the weights of
 the call, and adds bias and residual in fp32 before rounding once. Measured in bench/bench_sampler.py.
+fp32 steps on CPUs without bf16 units (where the engine samples in fp32) take an AVX2 kernel for the products
+(csrc/linear_f32.cpp): torch's fp32 GEMM at a step's few rows runs far below the memory bandwidth there.
 Everywhere else the torch composition runs: CUDA (cuBLAS is the GEMM to beat there, so there is no Triton
-kernel), fp32, CPUs without AMX, and autograd (these ops have no backward; training uses ops.projection).
+kernel), CPUs without AMX, and autograd (these ops have no backward; training uses ops.projection).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import as_buffer, choose_backend, needs_autograd
+from .backend import as_buffer, as_numpy, choose_backend, cpu_has_fast_bf16, needs_autograd
 from .rms_norm import rms_norm
 from .swiglu import swiglu
 
@@ -24,6 +26,10 @@ TILE_K = 32  # the kernel's K step: other widths take the torch path rather than
 # Above this many rows (a prefill chunk) oneDNN's GEMM wins: the weight's relayout is paid once for many rows.
 # Measured over all the embedded default's weights: the tiles 1.25x faster at 64 rows, 0.92x at 128.
 MAX_ROWS = 64
+F32_K = 8  # the fp32 kernel's K step (one AVX2 vector)
+# Up to these rows the fp32 kernel beats torch's GEMM (bench/RESULTS.md, AMD Zen 3): a layer's weights 1.2-3x at
+# 1-32 rows, not at 64; the LM head, which no cache holds, 1.8-3.6x up to 128 rows.
+MAX_ROWS_F32, MAX_ROWS_F32_UNCACHED, CACHED_WEIGHT_BYTES = 32, 128, 16 << 20
 
 Norm = tuple[Tensor, float]  # an RMSNorm (weight, eps) applied to x before the product
 
@@ -32,6 +38,35 @@ Norm = tuple[Tensor, float]  # an RMSNorm (weight, eps) applied to x before the 
 def tiles_preferred() -> bool:
     from .. import _native
     return _native.bf16_kernels_preferred()
+
+
+@functools.cache
+def f32_kernel_preferred() -> bool:
+    """The fp32 kernel where the engine samples in fp32 by default: CPUs with AVX2 but no bf16 units (measured
+    on AMD Zen 3; CPUs with bf16 units sample in bf16, and their fp32 BLAS is unmeasured against it)."""
+    from .. import _native
+    return _native.linear_f32_available() and not cpu_has_fast_bf16()[0]
+
+
+def _f32_ok(x: Tensor, weights: list[Tensor]) -> bool:
+    uncached = sum(w.numel() for w in weights) * 4 > CACHED_WEIGHT_BYTES
+    return (x.dtype == torch.float32 and f32_kernel_preferred() and x.shape[-1] % F32_K == 0
+            and x.numel() <= (MAX_ROWS_F32_UNCACHED if uncached else MAX_ROWS_F32) * x.shape[-1]
+            and choose_backend(x) == "native"
+            and all(w.dtype == torch.float32 and w.is_contiguous() for w in weights)
+            and not needs_autograd(x, *weights))
+
+
+def _product(h: Tensor, weight: Tensor, bias: Tensor | None, native_f32: bool) -> Tensor:
+    """h @ weight.T (+ bias): the fp32 kernel where `_f32_ok` said so, else torch's."""
+    if not native_f32:
+        return F.linear(h, weight, None if bias is None else bias.to(h.dtype))
+    from .. import _native
+    rows = _rows(h)
+    out = rows.new_empty(rows.shape[0], weight.shape[0])
+    _native.linear_f32(as_numpy(rows), as_numpy(weight), None if bias is None else as_numpy(bias.float().contiguous()),
+                       out.numpy())
+    return _shaped(out, h)
 
 
 def _native_ok(x: Tensor, weights: list[Tensor]) -> bool:
@@ -65,7 +100,8 @@ def linears(x: Tensor, weights: list[Tensor], biases: list[Tensor | None] | None
     biases = biases or [None] * len(weights)
     if not _native_ok(x, weights):
         h = x if norm is None else rms_norm(x, norm[0], norm[1])
-        return [F.linear(h, w, None if b is None else b.to(h.dtype)) for w, b in zip(weights, biases)]
+        native_f32 = _f32_ok(h, weights)
+        return [_product(h, w, b, native_f32) for w, b in zip(weights, biases)]
     from .. import _native
     rows = _rows(x)
     outs = [rows.new_empty(rows.shape[0], w.shape[0]) for w in weights]
@@ -81,7 +117,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     out_dtype = out_dtype or x.dtype
     if not _native_ok(x, [weight]) or out_dtype not in (torch.bfloat16, torch.float32) or (
             residual is not None and (residual.dtype != torch.bfloat16 or out_dtype != torch.bfloat16)):
-        y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+        y = _product(x, weight, bias, _f32_ok(x, [weight]))
         return (y if residual is None else y + residual).to(out_dtype)
     from .. import _native
     rows = _rows(x)
@@ -96,7 +132,8 @@ def gated_linear(x: Tensor, gate_weight: Tensor, up_weight: Tensor, norm: Norm |
     down projection."""
     if not _native_ok(x, [gate_weight, up_weight]):
         h = x if norm is None else rms_norm(x, norm[0], norm[1])
-        return swiglu(F.linear(h, gate_weight), F.linear(h, up_weight))
+        native_f32 = _f32_ok(h, [gate_weight, up_weight])
+        return swiglu(_product(h, gate_weight, None, native_f32), _product(h, up_weight, None, native_f32))
     from .. import _native
     rows = _rows(x)
     out = rows.new_empty(rows.shape[0], gate_weight.shape[0])

@@ -83,6 +83,9 @@ CUDA_SPEEDUP = 30.0
 # default preset took 422 s against the 226 s they plan (386834f, bench/RESULTS.md; each stage 1.5-2.2x): its
 # bf16 GEMMs run at a fifth of AMX's rate, the memory-bound rest at about the same speed.
 NO_AMX_SLOWDOWN = 1.87
+# On a 2-vCPU AMD Zen 3 (AVX2, no bf16 units, where `auto` trains and samples in fp32) it took 1,887 s against
+# the same 226 s (bench/RESULTS.md): its fp32 GEMMs run at a third of Zen 4's bf16 rate, its sampling slower still.
+FP32_AVX2_SLOWDOWN = 8.35
 REFERENCE_PARAMETERS = 135e6
 FLOOR_PARAMETERS = 20e6  # below this, per-token overheads dominate: a tiny model is not faster than this
 
@@ -144,14 +147,18 @@ def machine_speed(device: torch.device, precision_mode: str) -> tuple[float, str
     """This machine's speed against the calibration VM's (the rates above), and what the figure rests on."""
     if device.type == "cuda":
         return CUDA_SPEEDUP, f"CPU calibration x{CUDA_SPEEDUP:g}, not GPU-calibrated"
-    flags = cpu_flags() or set()
-    if resolve_precision(precision_mode, device).mode == "fp32":  # both calibrations ran bf16-mixed
-        return 1 / NO_AMX_SLOWDOWN, "fp32: not calibrated, bf16-mixed figures"
-    if "amx_bf16" in flags:
+    flags = cpu_flags()
+    bf16_units = flags is not None and bool({"amx_bf16", "avx512_bf16"} & flags)
+    if resolve_precision(precision_mode, device).mode == "fp32":
+        if flags is not None and not bf16_units:
+            return 1 / FP32_AVX2_SLOWDOWN, "calibrated on a 2-vCPU AMD Zen 3 in fp32, no bf16 units"
+        return 1 / FP32_AVX2_SLOWDOWN, "fp32: not calibrated on this CPU, a 2-vCPU AMD Zen 3's fp32 figures"
+    if bf16_units and "amx_bf16" in flags:
         return 1.0, "calibrated on a 2-vCPU Sapphire Rapids, AMX"
-    if "avx512_bf16" in flags:
+    if bf16_units:
         return 1 / NO_AMX_SLOWDOWN, "calibrated on a 2-vCPU AMD Zen 4, AVX512-BF16"
-    return 1 / NO_AMX_SLOWDOWN, "a CPU without bf16 units: not calibrated, expect longer"
+    # bf16 asked for where oneDNN emulates it: its GEMMs run at a fifth of fp32's there
+    return 1 / FP32_AVX2_SLOWDOWN, "bf16 on a CPU without bf16 units: not calibrated, expect several times longer"
 
 
 def estimate_seconds(work: Workload, parameters: int, speed: float) -> float:
