@@ -49,8 +49,10 @@ def f32_kernel_preferred() -> bool:
 
 
 def _f32_ok(x: Tensor, weights: list[Tensor]) -> bool:
+    if x.dtype != torch.float32 or not f32_kernel_preferred():  # every bf16 call leaves here, at no cost
+        return False
     uncached = sum(w.numel() for w in weights) * 4 > CACHED_WEIGHT_BYTES
-    return (x.dtype == torch.float32 and f32_kernel_preferred() and x.shape[-1] % F32_K == 0
+    return (x.shape[-1] % F32_K == 0
             and x.numel() <= (MAX_ROWS_F32_UNCACHED if uncached else MAX_ROWS_F32) * x.shape[-1]
             and choose_backend(x) == "native"
             and all(w.dtype == torch.float32 and w.is_contiguous() for w in weights)
