@@ -53,6 +53,7 @@ def run_ours(algorithm: str, prompts: Path, pm: Path, warmup: int, out: Path) ->
             f"rl.value_model={value_model or 'critic'}",
             f"rl.prompts_per_batch={PROMPTS}", f"rl.samples_per_prompt={SAMPLES}", f"rl.max_new_tokens={NEW_TOKENS}",
             "precision.mode=bf16-mixed", "checkpoint.keep=1", "rl.kv_cache_mb=256"]
+    sets += [f"rl.micro_rows={flag[4:]}" for flag in flags if flag.startswith("rows")]  # "+rows8": 8-row micro-batches
     if algorithm == "rloo":
         sets += ["rl.epochs_per_batch=1", "rl.minibatches=1"]
     config = resolve(overrides=sets)
@@ -101,7 +102,7 @@ NAMES = {"rloo": "cai_engine RLOO (1 step)", "ppo": "cai_engine PPO (critic, 4 s
 
 def variant_name(variant: str) -> str:
     base, *flags = variant.split("+")
-    return " + ".join([NAMES[base], *(NAMES[flag] for flag in flags)])
+    return " + ".join([NAMES[base], *(NAMES.get(flag) or f"{flag[4:]}-row micro-batches" for flag in flags)])
 
 
 def main() -> None:
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--variants", default="rloo,rloo+ac,ppo,ppo+ac,ppo-head+ac,trl,trl+retain",
                         help="rloo, ppo (a critic from the PM), ppo-head (a value head on the policy); +ac: with "
-                             "activation checkpointing, as TRL does by default; +unshared: each answer its own row "
+                             "activation checkpointing, as TRL does by default; +rowsN: N-row micro-batches (rl.micro_rows); +unshared: each answer its own row "
                              "(the prompt run once per answer); trl, and trl+retain (with glibc's allocator set as "
                              "our trainers set it: see common.RETAIN_FREED_MEMORY)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)

@@ -158,6 +158,47 @@ CAI_AMX inline int64_t score_chunk(const uint16_t* k, const int32_t* blocks, int
   return keys;
 }
 
+// few_rows_task's scores on CPUs without AMX, where score_chunk's tiles run as vector_tiles: 16 lanes of which a
+// decode step fills n per head, each head computed on its own (measured on AMD Zen 4: a 32-sequence RL rollout step's
+// attention took 0.50 ms of its 1.57 ms layer, more than the q, k, v, o and down products together). Here the keys
+// are the lanes instead: per 16-token block and head, one register transpose of the K rows turns them into 16 vectors
+// of one key pair each, and each query row of the head takes 16 VDPBF16PS with its pairs broadcast, 16 keys at once.
+// The rows' results are staged and transposed into score_chunk's layout, scores[key][lane hh * n + j], every lane
+// written (zeros past heads * n). Returns the key count.
+CAI_AMX inline int64_t few_rows_scores(const uint16_t* k, const int32_t* blocks, int64_t b, int64_t n_keys, int64_t h0,
+                                       int64_t heads, int64_t n, const Shapes& s, const uint16_t* packed,
+                                       float* scores) {
+  const int64_t D = s.D, kv_row = s.KV * D, block_elems = kBlock * kv_row;
+  const int64_t keys = std::min<int64_t>(2 * kBlock, n_keys - b * kBlock);
+  alignas(64) float stage[16][16];
+  for (int64_t half = 0; half * kBlock < keys; ++half) {
+    const uint16_t* block = k + blocks[b + half] * block_elems;  // rows past the last key: finite or not, never read
+    std::memset(stage, 0, sizeof stage);
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      const uint32_t* q_pairs = reinterpret_cast<const uint32_t*>(packed + hh * 16 * D);  // [pair][lane]
+      __m512 acc[4];  // n <= kFewRows
+      for (int64_t j = 0; j < n; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < D / 32; ++c) {  // 16 pairs (32 dims) of the head at a time
+        __m512i r[16];
+        for (int t = 0; t < 16; ++t) r[t] = _mm512_loadu_si512(block + t * kv_row + (h0 + hh) * D + 32 * c);
+        transpose16(r);  // r[p] lane t: pair 16 c + p of key t
+        for (int64_t j = 0; j < n; ++j) {
+          const uint32_t* qj = q_pairs + 16 * 16 * c + hh * n + j;
+          for (int p = 0; p < 16; ++p)
+            acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)r[p], (__m512bh)_mm512_set1_epi32(int(qj[16 * p])));
+        }
+      }
+      for (int64_t j = 0; j < n; ++j) _mm512_store_ps(stage[hh * n + j], acc[j]);
+    }
+    __m512i rows[16];
+    for (int i = 0; i < 16; ++i) rows[i] = _mm512_load_si512(stage[i]);
+    transpose16(rows);  // rows[t] lane i: key t of lane i
+    const int64_t valid = std::min<int64_t>(kBlock, keys - half * kBlock);
+    for (int64_t t = 0; t < valid; ++t) _mm512_storeu_si512(scores + (half * kBlock + t) * kQueries, rows[t]);
+  }
+  return keys;
+}
+
 // Requests `width` elements from `offset` of each K or V row of the chunk at block b (one head: 2 cache lines for
 // head_dim 64; or several heads, or the whole row) while the current chunk computes: the chunks' blocks are
 // scattered in the cache, so the hardware prefetcher does not see them coming, and tile loads and widening loads
@@ -183,8 +224,10 @@ inline void finish_row(const float* o, int64_t stride, float m, float l, int64_t
 constexpr int64_t kNoMask = INT64_MAX;  // group_task's causal_base when every row sees every key
 
 // Up to kGroups x 32 rows: per 32-key chunk, V^T is packed once for every group, then each group's scores, softmax
-// and P V run on tiles. Two passes over the keys: each row's max score first (scores on tiles cost little), then
-// probabilities relative to it, so the outputs accumulate on tiles without the online softmax's rescaling. In the
+// and P V run on tiles. With AMX, two passes over the keys (two_passes): each row's max score first (scores on tiles
+// cost little), then probabilities relative to it, so the outputs accumulate on tiles without the online softmax's
+// rescaling. Without AMX the scores cost as much as P V (tiles run as vectors), and computing them twice was a
+// quarter of the work: one pass, the running outputs rescaled per chunk in fp32. In the
 // S^T orientation a 16-float vector holds one key for 16 queries: max, exp and sums are lane-wise.
 // causal_base (a prefill chunk's own keys): row i sees keys [0, causal_base + i / G] of the range (its token's
 // position); chunks no row of a group sees are skipped.
@@ -219,40 +262,78 @@ CAI_AMX void group_task(const uint16_t* q, const uint16_t* k, const uint16_t* v,
   auto visible = [&](int64_t g, int half, int64_t key) CAI_AMX {  // lanes whose row sees `key`
     return causal ? _mm512_cmp_ps_mask(_mm512_set1_ps(float(key)), last_key[g][half], _CMP_LE_OQ) : __mmask16(0xffff);
   };
-  for (int64_t b = 0; b * kBlock < task_keys; b += 2) {
-    prefetch_chunk(k, blocks, b + 2, task_keys, s, rows.h * s.D, s.D);
-    for (int64_t g = 0; g < groups; ++g) {
-      if (b * kBlock >= group_keys[g]) continue;
-      const int halves = halves_of(g);
-      const int64_t keys = score_chunk(k, blocks, b, n_keys, rows.h, s, packed + g * kQueries * D, halves, scores);
-      for (int half = 0; half < halves; ++half)
-        for (int64_t t = 0; t < keys; ++t)
-          m[g][half] = _mm512_mask_max_ps(m[g][half], visible(g, half, b * kBlock + t), m[g][half],
-                                          _mm512_mul_ps(_mm512_loadu_ps(scores + 16 * half + t * kQueries), sc));
-    }
-  }
-  for (int64_t b = 0; b * kBlock < task_keys; b += 2) {
-    const int64_t keys = std::min<int64_t>(2 * kBlock, n_keys - b * kBlock);
-    if (b == 0) prefetch_chunk(v, blocks, 0, task_keys, s, rows.h * s.D, s.D);
-    prefetch_chunk(v, blocks, b + 2, task_keys, s, rows.h * s.D, s.D);  // K of the chunk is still in cache from the first pass
-    pack_v_transposed(v, blocks + b, keys, rows.h, s, scratch.v_t.get());
-    for (int64_t g = 0; g < groups; ++g) {
-      if (b * kBlock >= group_keys[g]) continue;
-      const int halves = halves_of(g);
-      score_chunk(k, blocks, b, n_keys, rows.h, s, packed + g * kQueries * D, halves, scores);
-      for (int half = 0; half < 2; ++half) {
-        for (int64_t t = 0; t < keys; ++t) {
-          float* at = scores + 16 * half + t * kQueries;
-          const __m512 p = half < halves ? _mm512_maskz_mov_ps(visible(g, half, b * kBlock + t),
-                                                               exp_nonpositive16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(at), sc), m[g][half])))
-                                         : _mm512_setzero_ps();  // lanes of no query
-          _mm512_storeu_ps(at, p);
-          l[g][half] = _mm512_add_ps(l[g][half], p);
-        }
-        for (int64_t t = keys; t < 2 * kBlock; ++t)  // keys past the end weigh nothing
-          _mm512_storeu_ps(scores + 16 * half + t * kQueries, _mm512_setzero_ps());
+  // a chunk's scores (group g, keys from b * kBlock) into probabilities relative to each row's max so far (m), added
+  // to its sum (l); zeros for lanes of no query and for keys past the end, which then weigh nothing in P V
+  auto to_probabilities = [&](int64_t g, int64_t b, int64_t keys, int halves) CAI_AMX {
+    for (int half = 0; half < 2; ++half) {
+      for (int64_t t = 0; t < keys; ++t) {
+        float* at = scores + 16 * half + t * kQueries;
+        const __m512 p = half < halves ? _mm512_maskz_mov_ps(visible(g, half, b * kBlock + t),
+                                                             exp_nonpositive16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(at), sc), m[g][half])))
+                                       : _mm512_setzero_ps();
+        _mm512_storeu_ps(at, p);
+        l[g][half] = _mm512_add_ps(l[g][half], p);
       }
-      probabilities_times_v(scores, scratch.v_t.get(), D, acc + g * kQueries * D, scratch.p_pairs.get());
+      for (int64_t t = keys; t < 2 * kBlock; ++t) _mm512_storeu_ps(scores + 16 * half + t * kQueries, _mm512_setzero_ps());
+    }
+  };
+  if (!use_amx) {  // one pass, an online softmax: see two_passes above
+    const __m512 one = _mm512_set1_ps(1.f), minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t b = 0; b * kBlock < task_keys; b += 2) {
+      const int64_t keys = std::min<int64_t>(2 * kBlock, n_keys - b * kBlock);
+      prefetch_chunk(k, blocks, b + 2, task_keys, s, rows.h * s.D, s.D);
+      prefetch_chunk(v, blocks, b + 2, task_keys, s, rows.h * s.D, s.D);
+      pack_v_transposed(v, blocks + b, keys, rows.h, s, scratch.v_t.get());
+      for (int64_t g = 0; g < groups; ++g) {
+        if (b * kBlock >= group_keys[g]) continue;
+        const int halves = halves_of(g);
+        score_chunk(k, blocks, b, n_keys, rows.h, s, packed + g * kQueries * D, halves, scores);
+        __m512 alpha[2] = {one, one};
+        for (int half = 0; half < halves; ++half) {
+          __m512 top = m[g][half];
+          for (int64_t t = 0; t < keys; ++t)
+            top = _mm512_mask_max_ps(top, visible(g, half, b * kBlock + t), top,
+                                     _mm512_mul_ps(_mm512_loadu_ps(scores + 16 * half + t * kQueries), sc));
+          // lanes that have seen a key rescale what they hold (exp(-inf) = 0 the first time); the others hold 0
+          const __mmask16 seen = _mm512_cmp_ps_mask(top, minus_inf, _CMP_NEQ_OQ);
+          alpha[half] = _mm512_mask_blend_ps(seen, one, exp_nonpositive16(_mm512_sub_ps(m[g][half], top)));
+          l[g][half] = _mm512_mul_ps(l[g][half], alpha[half]);
+          m[g][half] = top;
+        }
+        to_probabilities(g, b, keys, halves);
+        float* o = acc + g * kQueries * D;  // O^T [D][32 queries]
+        for (int64_t d = 0; d < D; ++d)
+          for (int half = 0; half < 2; ++half)
+            _mm512_storeu_ps(o + d * kQueries + 16 * half,
+                             _mm512_mul_ps(_mm512_loadu_ps(o + d * kQueries + 16 * half), alpha[half]));
+        probabilities_times_v(scores, scratch.v_t.get(), D, o, scratch.p_pairs.get());
+      }
+    }
+  } else {  // two_passes
+    for (int64_t b = 0; b * kBlock < task_keys; b += 2) {
+      prefetch_chunk(k, blocks, b + 2, task_keys, s, rows.h * s.D, s.D);
+      for (int64_t g = 0; g < groups; ++g) {
+        if (b * kBlock >= group_keys[g]) continue;
+        const int halves = halves_of(g);
+        const int64_t keys = score_chunk(k, blocks, b, n_keys, rows.h, s, packed + g * kQueries * D, halves, scores);
+        for (int half = 0; half < halves; ++half)
+          for (int64_t t = 0; t < keys; ++t)
+            m[g][half] = _mm512_mask_max_ps(m[g][half], visible(g, half, b * kBlock + t), m[g][half],
+                                            _mm512_mul_ps(_mm512_loadu_ps(scores + 16 * half + t * kQueries), sc));
+      }
+    }
+    for (int64_t b = 0; b * kBlock < task_keys; b += 2) {
+      const int64_t keys = std::min<int64_t>(2 * kBlock, n_keys - b * kBlock);
+      if (b == 0) prefetch_chunk(v, blocks, 0, task_keys, s, rows.h * s.D, s.D);
+      prefetch_chunk(v, blocks, b + 2, task_keys, s, rows.h * s.D, s.D);  // K of the chunk is still in cache from the first pass
+      pack_v_transposed(v, blocks + b, keys, rows.h, s, scratch.v_t.get());
+      for (int64_t g = 0; g < groups; ++g) {
+        if (b * kBlock >= group_keys[g]) continue;
+        const int halves = halves_of(g);
+        score_chunk(k, blocks, b, n_keys, rows.h, s, packed + g * kQueries * D, halves, scores);
+        to_probabilities(g, b, keys, halves);
+        probabilities_times_v(scores, scratch.v_t.get(), D, acc + g * kQueries * D, scratch.p_pairs.get());
+      }
     }
   }
   for (int64_t g = 0; g < groups; ++g) {
@@ -302,8 +383,11 @@ CAI_AMX void few_rows_task(const uint16_t* q, const uint16_t* k, const uint16_t*
     prefetch_chunk(v, blocks, b, n_keys, s, h0 * D, heads * D);
     prefetch_chunk(k, blocks, b + 2, n_keys, s, h0 * D, heads * D);
     int64_t keys = 0;
-    for (int64_t hh = 0; hh < heads; ++hh)  // S^T for every head's lanes, accumulated
-      keys = score_chunk(k, blocks, b, n_keys, h0 + hh, s, packed + hh * 16 * D, 1, scores, hh > 0);
+    if (use_amx)
+      for (int64_t hh = 0; hh < heads; ++hh)  // S^T for every head's lanes, accumulated
+        keys = score_chunk(k, blocks, b, n_keys, h0 + hh, s, packed + hh * 16 * D, 1, scores, hh > 0);
+    else
+      keys = few_rows_scores(k, blocks, b, n_keys, h0, heads, n, s, packed, scores);
     // online softmax, 16 lanes per vector; scores become probabilities (relative to the new max) in place
     __m512 cm = m;
     for (int64_t t = 0; t < keys; ++t) cm = _mm512_max_ps(cm, _mm512_mul_ps(_mm512_loadu_ps(scores + t * kQueries), sc));
