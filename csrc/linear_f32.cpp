@@ -33,17 +33,24 @@ CAI_AVX2 inline float horizontal_sum(__m256 v) {
 template <int R, int T>
 CAI_AVX2 void dot_block(const float* x, const float* w, const float* b, int64_t K, float* y, int64_t N) {
   __m256 acc[R][T];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += kLanes) {
     __m256 xv[T];
+    #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * K + k);
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 wv = _mm256_loadu_ps(w + r * K + k);
+      #pragma GCC unroll 8
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
     }
   }
+  #pragma GCC unroll 8
   for (int t = 0; t < T; ++t)
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) y[t * N + r] = horizontal_sum(acc[r][t]) + (b ? b[r] : 0.f);
 }
 

@@ -7,6 +7,7 @@
 #include "logprob.h"
 #include "linear_bf16.h"
 #include "linear_f32.h"
+#include "attention_f32.h"
 #include "linear_grad_bf16.h"
 #include "logprob_bf16.h"
 #include "paged_attention.h"
@@ -78,6 +79,15 @@ PYBIND11_MODULE(_native, m) {
         py::arg("prefix"), py::arg("scale"), py::arg("out"), py::arg("lse"),
         "Cascade attention's shared part: every query row against the same prefix blocks of a bf16 cache (16-token "
         "blocks), read in place; writes each row's normalised partial output and log-sum-exp (float32).");
+  m.def("prefix_attention_f32", &prefix_attention_f32, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("prefix"), py::arg("scale"), py::arg("out"), py::arg("lse"),
+        "Cascade attention's shared part for a float32 cache on AVX2 + FMA: every query row against the same prefix "
+        "blocks, read in place; writes each row's normalised partial output and log-sum-exp.");
+  m.def("paged_decode_f32", &paged_decode_f32, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("out"), py::arg("lse"),
+        py::arg("first_block") = 0,
+        "Decode attention for a float32 cache on AVX2 + FMA: q [B, H, D] over each sequence's blocks from first_block "
+        "on; writes float32 outputs and log-sum-exps (zeros and -inf for a sequence with no key there).");
   m.def("paged_attention_bf16", &paged_attention_bf16, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("out"), py::arg("lse"),
         py::arg("first_block") = 0, py::arg("query_lens") = py::none(),

@@ -434,3 +434,101 @@ def test_tile_kernels_name_bad_inputs():
     with pytest.raises(ValueError, match=r"q: expected 3 rows \(the query tokens\), got 2"):
         _native.paged_attention_bf16(i16(q), i16(cache), i16(cache), tables.numpy(), lens, 1.0, out.numpy(),
                                      lse.numpy(), 0, torch.tensor([1, 2], dtype=torch.int32).numpy())
+
+
+# ---------------------------------------------------------------- the AVX2 fp32 kernels (float32 cache, any block size)
+
+@pytest.fixture
+def f32_kernels(monkeypatch):
+    """The AVX2 fp32 attention kernels, taken wherever the operands allow (as on CPUs that sample in fp32); checks
+    they were the ones called."""
+    if not _native.linear_f32_available():
+        pytest.skip("CPU lacks AVX2 + FMA")
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
+    monkeypatch.setattr(paged_mod, "f32_kernel_preferred", lambda: True)
+    calls = []
+    for name in ("paged_decode_f32", "prefix_attention_f32"):
+        real = getattr(_native, name)
+        monkeypatch.setattr(_native, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    yield calls
+
+
+# All fp32 (scores, softmax, P V); errors of a few fp32 roundings over up to 150 keys: measured <= 2.5e-6.
+F32_TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,n_kv,head_dim", [(6, 2, 16), (9, 3, 64), (4, 4, 48), (40, 2, 16), (12, 12, 32)])
+@pytest.mark.parametrize("block_size,first_block", [(16, 0), (16, 2), (5, 3)])
+def test_f32_decode_matches_float64(f32_kernels, heads, n_kv, head_dim, block_size, first_block):
+    """Decode rows over each sequence's blocks: lengths across the kernel's 64-key chunks (64, 65, 130) and its
+    16-key score blocks; a sequence with no key past first_block; 20 query heads per KV head (register blocks of 6
+    and a remainder); 12 KV heads of one row each taking turns in one task; 5-token blocks."""
+    lengths = [1, 15, 16, 17, 64, 65, 130]
+    cache, tables, keys, values = fill_cache(lengths, block_size, n_kv=n_kv, head_dim=head_dim, num_blocks=80)
+    q = torch.randn(len(lengths), heads, head_dim, generator=torch.Generator().manual_seed(7)) * 2
+    out, lse = paged_mod.decode_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(lengths), 0.3,
+                                          first_block=first_block)
+    assert f32_kernels == ["paged_decode_f32"]
+    for b, n in enumerate(lengths):
+        first = first_block * block_size
+        if n <= first:  # nothing past first_block: an empty partial
+            assert (out[b] == 0).all() and (lse[b] == float("-inf")).all()
+            continue
+        ref_out, ref_lse = dense_partial(q[b:b + 1], keys[b][first:], values[b][first:], 0.3)
+        torch.testing.assert_close(out[b:b + 1].double(), ref_out, **F32_TOL)
+        torch.testing.assert_close(lse[b:b + 1].double(), ref_lse, **F32_TOL)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 17, 40])
+@pytest.mark.parametrize("blocks,block_size", [(1, 16), (4, 16), (9, 16), (13, 5)])
+def test_f32_prefix_partial_matches_float64(f32_kernels, rows, blocks, block_size):
+    """Every query row against shared prefix blocks: 17 and 40 rows x 3 heads per KV head need two and three tasks
+    per KV head (at most 48 rows each); 9 blocks of 16 cross two 64-key chunks; 13 blocks of 5 end mid-chunk."""
+    cache, tables, keys, values = fill_cache([blocks * block_size], block_size, n_kv=2, head_dim=32, num_blocks=40,
+                                             seed=9)
+    q = torch.randn(rows, 6, 32, generator=torch.Generator().manual_seed(8)) * 2
+    out, lse = paged_mod._prefix_partial(q, cache.k[0], cache.v[0], tables[0, :blocks].long(), 0.2)
+    assert f32_kernels == ["prefix_attention_f32"]
+    ref_out, ref_lse = dense_partial(q, keys[0], values[0], 0.2)
+    torch.testing.assert_close(out.double(), ref_out, **F32_TOL)
+    torch.testing.assert_close(lse.double(), ref_lse, **F32_TOL)
+
+
+def test_f32_cascade_step_matches_dense(f32_kernels):
+    """A whole engine-shaped fp32 step (decodes sharing a prefix, a prefill chunk past it) through both kernels."""
+    g = torch.Generator().manual_seed(10)
+    prefix = list(range(100, 170))                      # 70 tokens: 17 full 4-token blocks shared
+    prompts = [prefix + suffix for suffix in ([1, 2, 3], [4], list(range(7, 30)), [5, 6])]
+    cache, tables, lens, keys, values = prefix_cached_batch(prompts, g, D=32)
+    for query_lens in ([1, 1, 1, 1], [1, 1, 12, 2]):
+        q = torch.randn(sum(query_lens), 6, 32, generator=g)
+        got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
+        assert_dense(got, q, query_lens, keys, values, 32 ** -0.5)
+    assert "prefix_attention_f32" in f32_kernels and "paged_decode_f32" in f32_kernels
+
+
+def test_f32_kernels_name_bad_inputs():
+    if not _native.linear_f32_available():
+        pytest.skip("CPU lacks AVX2 + FMA")
+    q, cache = torch.zeros(2, 6, 32), torch.zeros(4, 16, 2, 32)
+    out, lse = torch.empty(2, 6, 32), torch.empty(2, 6)
+    with pytest.raises(ValueError, match=r"prefix\[1\] = 4 is not a block of the cache"):
+        _native.prefix_attention_f32(q.numpy(), cache.numpy(), cache.numpy(), torch.tensor([0, 4], dtype=torch.int32).numpy(),
+                                     1.0, out.numpy(), lse.numpy())
+    with pytest.raises(ValueError, match="q: head_dim must be a multiple of 16, got 24"):
+        odd = torch.zeros(4, 16, 2, 24)
+        _native.prefix_attention_f32(torch.zeros(2, 6, 24).numpy(), odd.numpy(), odd.numpy(),
+                                     torch.tensor([0], dtype=torch.int32).numpy(), 1.0, torch.empty(2, 6, 24).numpy(),
+                                     lse.numpy())
+    with pytest.raises(ValueError, match="heads must be a multiple of the cache's KV heads"):
+        _native.prefix_attention_f32(torch.zeros(2, 5, 32).numpy(), cache.numpy(), cache.numpy(),
+                                     torch.tensor([0], dtype=torch.int32).numpy(), 1.0, torch.empty(2, 5, 32).numpy(),
+                                     torch.empty(2, 5).numpy())
+    tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"context_lens\[1\] = 40 does not fit its block table of 2 blocks"):
+        _native.paged_decode_f32(q.numpy(), cache.numpy(), cache.numpy(), tables.numpy(),
+                                 torch.tensor([5, 40], dtype=torch.int32).numpy(), 1.0, out.numpy(), lse.numpy())
+    with pytest.raises(ValueError, match="lse: expected size 6 on axis 1, got 5"):
+        _native.paged_decode_f32(q.numpy(), cache.numpy(), cache.numpy(), tables.numpy(),
+                                 torch.tensor([5, 20], dtype=torch.int32).numpy(), 1.0, out.numpy(),
+                                 torch.empty(2, 5).numpy())

@@ -27,9 +27,9 @@ TILE_K = 32  # the kernel's K step: other widths take the torch path rather than
 # Measured over all the embedded default's weights: the tiles 1.25x faster at 64 rows, 0.92x at 128.
 MAX_ROWS = 64
 F32_K = 8  # the fp32 kernel's K step (one AVX2 vector)
-# Up to these rows the fp32 kernel beats torch's GEMM (bench/RESULTS.md, AMD Zen 3): a layer's weights 1.0-3.2x at
-# 1-32 rows, 0.7-1.05x at 64; the LM head, which no cache holds, 1.8-3.6x up to 128 rows.
-MAX_ROWS_F32, MAX_ROWS_F32_UNCACHED, CACHED_WEIGHT_BYTES = 32, 128, 16 << 20
+# Up to these rows the fp32 kernel beats torch's GEMM (bench/RESULTS.md, AMD Zen 3): a layer's weights 1.5-3.5x at
+# 1-32 rows, 1.04-1.44x at 64, 0.7-1.4x beyond; the LM head, which no cache holds, 2.0-2.5x up to 128 rows.
+MAX_ROWS_F32, MAX_ROWS_F32_UNCACHED, CACHED_WEIGHT_BYTES = 64, 128, 16 << 20
 
 Norm = tuple[Tensor, float]  # an RMSNorm (weight, eps) applied to x before the product
 

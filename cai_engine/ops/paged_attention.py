@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dataclasses import dataclass, field
 
 from .backend import as_buffer, choose_backend
-from .linear import tiles_preferred
+from .linear import f32_kernel_preferred, tiles_preferred
 
 
 @dataclass(slots=True)
@@ -71,14 +71,14 @@ def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2:
 
 def _prefix_partial(q: torch.Tensor, k_cache, v_cache, prefix: torch.Tensor, scale: float):
     """Every query of the batch, q [B, H, D], against the shared blocks `prefix`: (out [B, H, D], lse [B, H]),
-    float32. Native on AMX CPUs for a bf16 cache of 16-token blocks (the blocks read in place, scores on tiles);
-    else one gathered fp32 GEMM per KV head."""
+    float32. Native, the blocks read in place, where a kernel takes the cache (`_native_kernels`); else one gathered
+    fp32 GEMM per KV head."""
     (B, H, D), n_kv = q.shape, k_cache.shape[2]
-    if choose_backend(q) == "native" and _tiles_ok(q, k_cache, v_cache):
-        from .. import _native
+    kernels = _native_kernels(q, k_cache, v_cache)
+    if kernels:
         out, lse = torch.empty(B, H, D), torch.empty(B, H)
-        _native.prefix_attention(as_buffer(q.contiguous()), as_buffer(k_cache), as_buffer(v_cache),
-                                 prefix.to(torch.int32).numpy(), scale, out.numpy(), lse.numpy())
+        kernels[0](as_buffer(q.contiguous()), as_buffer(k_cache), as_buffer(v_cache), prefix.to(torch.int32).numpy(),
+                   scale, out.numpy(), lse.numpy())
         return out, lse
     G = H // n_kv
     # one gathered float32 copy each, viewed [n_kv, Lp, D] with strides BLAS takes as they are
@@ -101,13 +101,11 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, fir
         o1, lse1 = _prefix_partial(q, k_cache, v_cache, prefix, scale)
         o2, lse2 = decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, shared_blocks)
         return merge_partials(o1, lse1, o2, lse2), torch.logaddexp(lse1, lse2)
-    backend = choose_backend(q)
-    if backend == "native" and _tiles_ok(q, k_cache, v_cache):
-        from .. import _native
+    backend, kernels = choose_backend(q), _native_kernels(q, k_cache, v_cache)
+    if kernels:
         out, lse = torch.empty(q.shape, dtype=torch.float32), torch.empty(q.shape[:2], dtype=torch.float32)
-        _native.paged_attention_bf16(as_buffer(q.contiguous()), as_buffer(k_cache), as_buffer(v_cache),
-                                     block_tables.to(torch.int32).numpy(), context_lens.to(torch.int32).numpy(), scale,
-                                     out.numpy(), lse.numpy(), first_block)
+        kernels[1](as_buffer(q.contiguous()), as_buffer(k_cache), as_buffer(v_cache), block_tables.to(torch.int32).numpy(),
+                   context_lens.to(torch.int32).numpy(), scale, out.numpy(), lse.numpy(), first_block)
         return out, lse
     if backend == "native" and k_cache.dtype in (torch.float32, torch.bfloat16) and k_cache.is_contiguous():
         from .. import _native
@@ -122,6 +120,23 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, fir
         return paged_decode(q, k_cache, v_cache, block_tables, context_lens.to(torch.int32), scale,
                             first_block=first_block, return_lse=True, out_dtype=torch.float32)
     return _decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, first_block)
+
+
+def _native_kernels(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    """(prefix kernel, decode kernel) of the native module that take these operands, or None: the AMX tiles for bf16
+    (`_tiles_ok`); the AVX2 fp32 kernels (csrc/attention_f32.cpp) for float32 queries and cache on CPUs that sample
+    in fp32 (AVX2, no bf16 units: where the engine's decode attention was measured), head_dim a multiple of 16, at
+    most 48 query heads per KV head."""
+    if choose_backend(q) != "native":
+        return None
+    from .. import _native
+    if _tiles_ok(q, k_cache, v_cache):
+        return _native.prefix_attention, _native.paged_attention_bf16
+    if (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.shape[-1] % 16 == 0
+            and q.shape[1] // k_cache.shape[2] <= 48 and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and f32_kernel_preferred()):
+        return _native.prefix_attention_f32, _native.paged_decode_f32
+    return None
 
 
 def _tiles_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
