@@ -1,9 +1,17 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# `python -m pytest` puts the checkout's root first on sys.path, where the Triton sources' folder `kernels/` (shipped
+# as cai_engine.kernels) would shadow the `kernels` package that transformers (>= 5.25) imports: the tests use the
+# installed cai_engine, so the root leaves sys.path.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
 
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -314,11 +314,16 @@ def tiles(request, monkeypatch):
     monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
     monkeypatch.setenv("CAI_ENGINE_AMX", "0" if request.param == "vectors" else "1")
     monkeypatch.setattr(linear_mod, "tiles_preferred", lambda: True)
+    yield record_calls(monkeypatch, ("paged_attention_bf16", "prefix_attention"))
+
+
+def record_calls(monkeypatch, names) -> list[str]:
+    """The names of these native functions, in the order they are called (wrapped for the test's duration)."""
     calls = []
-    for name in ("paged_attention_bf16", "prefix_attention"):
+    for name in names:
         real = getattr(_native, name)
         monkeypatch.setattr(_native, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
-    yield calls
+    return calls
 
 
 def dense_partial(q, k, v, scale):
@@ -446,11 +451,7 @@ def f32_kernels(monkeypatch):
         pytest.skip("CPU lacks AVX2 + FMA")
     monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
     monkeypatch.setattr(paged_mod, "f32_kernel_preferred", lambda: True)
-    calls = []
-    for name in ("paged_decode_f32", "prefix_attention_f32"):
-        real = getattr(_native, name)
-        monkeypatch.setattr(_native, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
-    yield calls
+    yield record_calls(monkeypatch, ("paged_decode_f32", "prefix_attention_f32"))
 
 
 # All fp32 (scores, softmax, P V); errors of a few fp32 roundings over up to 150 keys: measured <= 2.5e-6.
