@@ -231,10 +231,21 @@ void run(const float* q, const float* k, const float* v, const std::vector<Task>
   }
 }
 
+// A cache as it is (float32, C-contiguous): a converted copy of a whole cache per call would cost more than the
+// attention, and a bf16 cache's bit patterns converted as integers would be garbage.
+const float* cache_buffer(const py::array& cache, const char* name) {
+  if (!cache.dtype().is(py::dtype::of<float>()) || !(cache.flags() & py::array::c_style))
+    throw std::invalid_argument(std::string(name) + ": expected a C-contiguous float32 array, got dtype " +
+                                std::string(py::str(cache.dtype())));
+  return static_cast<const float*>(cache.data());
+}
+
 // The shapes of q [R, H, D], the caches [blocks, BS, KV, D] (float32, C-contiguous), out [R, H, D] and lse [R, H].
-Shape check_operands(const f32_array& q, const f32_array& k_cache, const f32_array& v_cache, const f32_out& out,
+Shape check_operands(const f32_array& q, const py::array& k_cache, const py::array& v_cache, const f32_out& out,
                      const f32_out& lse) {
   if (!linear_f32_available()) throw std::runtime_error("attention_f32: this CPU lacks AVX2 and FMA; use torch");
+  cache_buffer(k_cache, "k_cache");
+  cache_buffer(v_cache, "v_cache");
   check_ndim(q, 3, "q");
   check_ndim(k_cache, 4, "k_cache");
   check_ndim(v_cache, 4, "v_cache");
@@ -250,12 +261,13 @@ Shape check_operands(const f32_array& q, const f32_array& k_cache, const f32_arr
   check_ndim(lse, 2, "lse");
   check_dim(lse, 0, q.shape(0), "lse");
   check_dim(lse, 1, s.H, "lse");
+  if (!(lse.flags() & py::array::c_style)) throw std::invalid_argument("lse: must be contiguous");
   return {s.H, s.D, s.KV, s.H / s.KV, s.BS};
 }
 
 }  // namespace
 
-void prefix_attention_f32(f32_array q, f32_array k_cache, f32_array v_cache, i32_array prefix, float scale,
+void prefix_attention_f32(f32_array q, py::array k_cache, py::array v_cache, i32_array prefix, float scale,
                           f32_out out, f32_out lse) {
   const Shape s = check_operands(q, k_cache, v_cache, out, lse);
   check_ndim(prefix, 1, "prefix");
@@ -276,10 +288,10 @@ void prefix_attention_f32(f32_array q, f32_array k_cache, f32_array v_cache, i32
     }
   float *op = out.mutable_data(), *lp = lse.mutable_data();
   py::gil_scoped_release nogil;
-  if (R > 0) run(q.data(), k_cache.data(), v_cache.data(), tasks, s, scale, op, lp);
+  if (R > 0) run(q.data(), static_cast<const float*>(k_cache.data()), static_cast<const float*>(v_cache.data()), tasks, s, scale, op, lp);
 }
 
-void paged_decode_f32(f32_array q, f32_array k_cache, f32_array v_cache, i32_array block_tables,
+void paged_decode_f32(f32_array q, py::array k_cache, py::array v_cache, i32_array block_tables,
                       i32_array context_lens, float scale, f32_out out, f32_out lse, int64_t first_block) {
   const Shape s = check_operands(q, k_cache, v_cache, out, lse);
   check_ndim(block_tables, 2, "block_tables");
@@ -300,5 +312,5 @@ void paged_decode_f32(f32_array q, f32_array k_cache, f32_array v_cache, i32_arr
                        std::max<int64_t>(0, lens[b] - first_block * s.BS)});
   float *op = out.mutable_data(), *lp = lse.mutable_data();
   py::gil_scoped_release nogil;
-  run(q.data(), k_cache.data(), v_cache.data(), tasks, s, scale, op, lp);
+  run(q.data(), static_cast<const float*>(k_cache.data()), static_cast<const float*>(v_cache.data()), tasks, s, scale, op, lp);
 }

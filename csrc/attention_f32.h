@@ -5,9 +5,9 @@
 // 48 query heads per KV head); both write each row's normalised output and log-sum-exp (float32), ready to merge
 // with the other part of a cascade.
 // Every query row q [R, H, D] against the shared prefix blocks `prefix` [P] (read in place).
-void prefix_attention_f32(f32_array q, f32_array k_cache, f32_array v_cache, i32_array prefix, float scale,
+void prefix_attention_f32(f32_array q, py::array k_cache, py::array v_cache, i32_array prefix, float scale,
                           f32_out out, f32_out lse);
 // One decode query per sequence, q [B, H, D], over its blocks from first_block on (out [B, H, D], lse [B, H]; a
 // sequence with no key there gets zeros and -inf).
-void paged_decode_f32(f32_array q, f32_array k_cache, f32_array v_cache, i32_array block_tables,
+void paged_decode_f32(f32_array q, py::array k_cache, py::array v_cache, i32_array block_tables,
                       i32_array context_lens, float scale, f32_out out, f32_out lse, int64_t first_block);

@@ -458,14 +458,26 @@ def f32_kernels(monkeypatch):
 F32_TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("heads,n_kv,head_dim", [(6, 2, 16), (9, 3, 64), (4, 4, 48), (40, 2, 16), (12, 12, 32)])
+def scatter_blocks(cache, tables, seed=0):
+    """Moves the cache's blocks to shuffled places and rewrites the tables to match: the block manager hands out
+    blocks in order, so without this a kernel that ignored the tables (block b + 1 after block b) would pass."""
+    perm = torch.randperm(cache.k[0].shape[0], generator=torch.Generator().manual_seed(seed))
+    for layer in (cache.k[0], cache.v[0]):
+        layer[perm] = layer.clone()
+    return perm[tables.long()].int()
+
+
+@pytest.mark.parametrize("heads,n_kv,head_dim", [(6, 2, 16), (9, 3, 64), (4, 4, 48), (40, 2, 16), (60, 3, 16),
+                                                  (12, 12, 32)])
 @pytest.mark.parametrize("block_size,first_block", [(16, 0), (16, 2), (5, 3)])
 def test_f32_decode_matches_float64(f32_kernels, heads, n_kv, head_dim, block_size, first_block):
-    """Decode rows over each sequence's blocks: lengths across the kernel's 64-key chunks (64, 65, 130) and its
-    16-key score blocks; a sequence with no key past first_block; 20 query heads per KV head (register blocks of 6
-    and a remainder); 12 KV heads of one row each taking turns in one task; 5-token blocks."""
+    """Decode rows over each sequence's blocks, scattered in the cache: lengths across the kernel's 64-key chunks
+    (64, 65, 130) and its 16-key score blocks; a sequence with no key past first_block; 20 query heads per KV head
+    (register blocks of 6 and a remainder), with 3 KV heads split over two tasks (the second starting at KV head 2);
+    12 KV heads of one row each taking turns in one task; 5-token blocks."""
     lengths = [1, 15, 16, 17, 64, 65, 130]
     cache, tables, keys, values = fill_cache(lengths, block_size, n_kv=n_kv, head_dim=head_dim, num_blocks=80)
+    tables = scatter_blocks(cache, tables)
     q = torch.randn(len(lengths), heads, head_dim, generator=torch.Generator().manual_seed(7)) * 2
     out, lse = paged_mod.decode_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(lengths), 0.3,
                                           first_block=first_block)
@@ -487,6 +499,7 @@ def test_f32_prefix_partial_matches_float64(f32_kernels, rows, blocks, block_siz
     per KV head (at most 48 rows each); 9 blocks of 16 cross two 64-key chunks; 13 blocks of 5 end mid-chunk."""
     cache, tables, keys, values = fill_cache([blocks * block_size], block_size, n_kv=2, head_dim=32, num_blocks=40,
                                              seed=9)
+    tables = scatter_blocks(cache, tables)
     q = torch.randn(rows, 6, 32, generator=torch.Generator().manual_seed(8)) * 2
     out, lse = paged_mod._prefix_partial(q, cache.k[0], cache.v[0], tables[0, :blocks].long(), 0.2)
     assert f32_kernels == ["prefix_attention_f32"]
@@ -501,6 +514,7 @@ def test_f32_cascade_step_matches_dense(f32_kernels):
     prefix = list(range(100, 170))                      # 70 tokens: 17 full 4-token blocks shared
     prompts = [prefix + suffix for suffix in ([1, 2, 3], [4], list(range(7, 30)), [5, 6])]
     cache, tables, lens, keys, values = prefix_cached_batch(prompts, g, D=32)
+    tables = scatter_blocks(cache, tables)
     for query_lens in ([1, 1, 1, 1], [1, 1, 12, 2]):
         q = torch.randn(sum(query_lens), 6, 32, generator=g)
         got = paged_attention(q, cache.k[0], cache.v[0], tables, lens, query_lens)
@@ -529,6 +543,14 @@ def test_f32_kernels_name_bad_inputs():
     with pytest.raises(ValueError, match=r"context_lens\[1\] = 40 does not fit its block table of 2 blocks"):
         _native.paged_decode_f32(q.numpy(), cache.numpy(), cache.numpy(), tables.numpy(),
                                  torch.tensor([5, 40], dtype=torch.int32).numpy(), 1.0, out.numpy(), lse.numpy())
+    with pytest.raises(ValueError, match="k_cache: expected a C-contiguous float32 array, got dtype int16"):
+        bits = cache.bfloat16().view(torch.int16)
+        _native.paged_decode_f32(q.numpy(), bits.numpy(), bits.numpy(), tables.numpy(),
+                                 torch.tensor([5, 20], dtype=torch.int32).numpy(), 1.0, out.numpy(), lse.numpy())
+    with pytest.raises(ValueError, match="lse: must be contiguous"):
+        _native.paged_decode_f32(q.numpy(), cache.numpy(), cache.numpy(), tables.numpy(),
+                                 torch.tensor([5, 20], dtype=torch.int32).numpy(), 1.0, out.numpy(),
+                                 torch.empty(6, 2).T.numpy())
     with pytest.raises(ValueError, match="lse: expected size 6 on axis 1, got 5"):
         _native.paged_decode_f32(q.numpy(), cache.numpy(), cache.numpy(), tables.numpy(),
                                  torch.tensor([5, 20], dtype=torch.int32).numpy(), 1.0, out.numpy(),

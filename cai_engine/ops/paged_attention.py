@@ -76,7 +76,7 @@ def _prefix_partial(q: torch.Tensor, k_cache, v_cache, prefix: torch.Tensor, sca
     (B, H, D), n_kv = q.shape, k_cache.shape[2]
     kernels = _native_kernels(q, k_cache, v_cache)
     if kernels:
-        out, lse = torch.empty(B, H, D), torch.empty(B, H)
+        out, lse = torch.empty(B, H, D, dtype=torch.float32), torch.empty(B, H, dtype=torch.float32)
         kernels[0](as_buffer(q.contiguous()), as_buffer(k_cache), as_buffer(v_cache), prefix.to(torch.int32).numpy(),
                    scale, out.numpy(), lse.numpy())
         return out, lse
