@@ -11,3 +11,10 @@ void prefix_attention_f32(f32_array q, py::array k_cache, py::array v_cache, i32
 // sequence with no key there gets zeros and -inf).
 void paged_decode_f32(f32_array q, py::array k_cache, py::array v_cache, i32_array block_tables,
                       i32_array context_lens, float scale, f32_out out, f32_out lse, int64_t first_block);
+// The same on raw, already checked buffers (the fused decode layer's attention).
+void prefix_attention_f32_rows(const float* q, const float* k_cache, const float* v_cache, const int32_t* prefix,
+                               int64_t P, int64_t R, int64_t H, int64_t D, int64_t KV, int64_t BS, float scale,
+                               float* out, float* lse);
+void paged_decode_f32_rows(const float* q, const float* k_cache, const float* v_cache, const int32_t* tables,
+                           const int32_t* lens, int64_t W, int64_t first_block, int64_t B, int64_t H, int64_t D,
+                           int64_t KV, int64_t BS, float scale, float* out, float* lse);

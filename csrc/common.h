@@ -64,3 +64,14 @@ inline const uint16_t* bf16_buffer(const py::array& a, const std::vector<int64_t
                                 std::string(py::str(a.dtype())));
   return static_cast<const uint16_t*>(a.data());
 }
+
+// A float32 buffer, C-contiguous, of this shape (-1: any size on that axis); else an error naming it.
+inline const float* f32_buffer(const py::array& a, const std::vector<int64_t>& shape, const std::string& name) {
+  check_ndim(a, int(shape.size()), name.c_str());
+  for (size_t i = 0; i < shape.size(); ++i)
+    if (shape[i] >= 0) check_dim(a, int(i), shape[i], name.c_str());
+  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(name + ": must be contiguous");
+  if (!a.dtype().is(py::dtype::of<float>()))
+    throw std::invalid_argument(name + ": expected float32, got dtype " + std::string(py::str(a.dtype())));
+  return static_cast<const float*>(a.data());
+}

@@ -108,7 +108,7 @@ PYBIND11_MODULE(_native, m) {
         py::arg("post_norm"), py::arg("eps"), py::arg("cos"), py::arg("sin_signed"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slots"), py::arg("block_tables"), py::arg("context_lens"),
         py::arg("shared_blocks"), py::arg("heads"), py::arg("scale"),
-        "One decoder layer of an engine decode step in one call (bf16, AMX tiles): norm + q/k/v, RoPE + KV write, "
+        "One decoder layer of an engine decode step in one call (bf16 on AMX tiles, or float32 on AVX2): norm + q/k/v, RoPE + KV write, "
         "paged (cascade) attention, o_proj + residual, norm + SwiGLU MLP + residual; x [T, d] updated in place.");
   m.def("logprob_forward_bf16", &logprob_forward_bf16, py::arg("hidden"), py::arg("weight"), py::arg("bias"),
         py::arg("labels"), py::arg("inv_temp"), py::arg("ignore_index"), py::arg("logp"), py::arg("lse"),

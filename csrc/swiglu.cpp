@@ -40,13 +40,17 @@ CAI_MULTIVERSION void backward_chunk(FloatOrBf16 gate, FloatOrBf16 up, FloatOrBf
 
 }  // namespace
 
+void swiglu_rows(FloatOrBf16 gate, FloatOrBf16 up, int64_t n, void* out, bool out_bf16) {
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < n; c += kChunk) forward_chunk(gate, up, c, std::min(kChunk, n - c), out, out_bf16);
+}
+
 void swiglu_forward(py::array gate, py::array up, py::array out) {
   const int64_t n = gate.size();
   const FloatOrBf16 g = float_or_bf16(gate, n, "gate"), u = float_or_bf16(up, n, "up"), o = float_or_bf16(out, n, "out");
   void* op = writable(out, "out");
   py::gil_scoped_release nogil;
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < n; c += kChunk) forward_chunk(g, u, c, std::min(kChunk, n - c), op, o.bf16);
+  swiglu_rows(g, u, n, op, o.bf16);
 }
 
 void swiglu_backward(py::array gate, py::array up, py::array grad_out, py::array grad_gate, py::array grad_up) {

@@ -165,10 +165,11 @@ def f32_calls(monkeypatch):
 @needs_avx2
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 32])
 @pytest.mark.parametrize("n_out", [1, 3, 6, 40, 301])
-@pytest.mark.parametrize("k", [8, 72, 576])
+@pytest.mark.parametrize("k", [8, 72, 576, 1544])
 def test_fp32_kernel_matches_float64(f32_calls, rows, n_out, k):
     """Every remainder of the kernel's 4-row x 3-token register blocks, with and without bias and residual: fp32
-    accumulation over K, against float64 of the same inputs."""
+    accumulation over K, against float64 of the same inputs. K = 1,544 goes in three pieces of 520, 520 and 504 from
+    3 rows on (the bias added once, the later pieces accumulated)."""
     g = torch.Generator().manual_seed(rows * 1000 + n_out)
     x, weight = torch.randn(rows, k, generator=g), torch.randn(n_out, k, generator=g)
     bias, residual = torch.randn(n_out, generator=g), torch.randn(rows, n_out, generator=g)

@@ -175,3 +175,70 @@ def test_fused_decode_layer_names_bad_inputs():
         call(tables=((0, 1), (2, 9)))
     with pytest.raises(ValueError, match="shared_blocks: row 1 does not share them"):
         call(shared=1)
+
+
+needs_avx2 = pytest.mark.skipif(not _native.linear_f32_available(), reason="CPU lacks AVX2 + FMA")
+
+
+@needs_avx2
+@pytest.mark.parametrize("block_size, heads, kv_heads", [(16, 2, 1), (8, 4, 2)])
+def test_fused_fp32_decode_layers_equal_the_per_op_path_and_float64(monkeypatch, block_size, heads, kv_heads):
+    """fp32 engine on AVX2: pure decode steps run each layer as one native call, plain (one job of a single sequence)
+    and cascade (five sequences behind a shared 64-token prefix: a token-block remainder of 2 in the linear kernel),
+    with q/k/v biases, GQA and a block size other than 16. Greedy tokens equal the per-op path's and log-probs agree
+    within 1e-4 (the same kernels; only the order of fp32 sums differs: norm, merge), and both within 1e-4 of a
+    float64 recompute (fp32 rounding over 2 layers of a 64-wide model is ~1e-6)."""
+    monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
+    monkeypatch.setattr(linear_mod, "f32_kernel_preferred", lambda: True)
+    _, model = hf_and_ours("qwen2", False, seed=15, hidden_size=64, num_attention_heads=heads,
+                           num_key_value_heads=kv_heads, intermediate_size=96, max_position_embeddings=256)
+    calls = []
+    real = _native.decode_layer
+    monkeypatch.setattr(_native, "decode_layer", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    shared = list(range(20, 84))
+    prompts = [list(range(5, 12))] + [shared + list(range(100 + 20 * i, 107 + 20 * i + i)) for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    def run():
+        llm = LLM(model, tiny_tokenizer(), kv_cache_bytes=1 << 22, block_size=block_size)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate([prompts[0]], params)
+                + llm.generate(prompts[1:], params)]
+
+    fused = run()
+    assert len(calls) >= 2 * 11 * 2                                  # 2 layers x 11 decode steps x 2 jobs
+    monkeypatch.setattr(decoder_mod, "fusable", lambda *a: False)
+    calls.clear()
+    per_op = run()
+    assert not calls
+    ref = copy.deepcopy(model).double()
+    for prompt, (tokens, logprobs), (tokens_op, logprobs_op) in zip(prompts, fused, per_op):
+        assert tokens == tokens_op
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(logprobs_op), atol=1e-4, rtol=0)
+        with torch.no_grad():
+            z = ref.logits(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1].log_softmax(-1)
+        exact = z.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.float64), exact, atol=1e-4, rtol=0)
+
+
+@needs_avx2
+def test_fused_fp32_decode_layer_names_bad_inputs():
+    d, H, KV, D, I, T = 64, 2, 1, 32, 96, 2
+    f32 = lambda *shape: torch.zeros(*shape).numpy()
+    weights = [f32(H * D, d), f32(KV * D, d), f32(KV * D, d), f32(d, H * D), f32(I, d), f32(I, d), f32(d, I)]
+    rot = f32(T, D)
+
+    def call(weights=weights, cache=f32(8, 8, KV, D), x=f32(T, d), heads=H):
+        _native.decode_layer(x, weights, [None] * 3, torch.ones(d).numpy(), torch.ones(d).numpy(), 1e-5, rot, rot,
+                             cache, cache, torch.tensor([19, 35]).numpy(),
+                             torch.tensor(((0, 1, 2), (3, 4, 5)), dtype=torch.int32).numpy(),
+                             torch.tensor((20, 20), dtype=torch.int32).numpy(), 0, heads, 0.2)
+
+    call()  # well formed: float32 throughout, 8-token blocks
+    with pytest.raises(ValueError, match="up_weight: expected float32, got dtype int16"):
+        call(weights=weights[:5] + [torch.zeros(I, d).bfloat16().view(torch.int16).numpy(), weights[6]])
+    with pytest.raises(ValueError, match="k_cache: expected float32, got dtype float64"):
+        call(cache=torch.zeros(8, 8, KV, D, dtype=torch.float64).numpy())
+    with pytest.raises(ValueError, match="float32 needs head_dim a multiple of 16"):
+        call(cache=f32(8, 8, KV, 24), heads=H)
+    with pytest.raises(ValueError, match="gate_weight: expected size 64 on axis 1, got 56"):
+        call(weights=weights[:4] + [f32(I, 56)] + weights[5:])

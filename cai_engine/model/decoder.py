@@ -180,7 +180,8 @@ class Block(nn.Module):
     def _paged(self, x: torch.Tensor, ctx: AttentionInputs) -> torch.Tensor:
         """The engine's step (no autograd): the same layer with the norms, the residual adds and the SwiGLU inside
         the projections (ops.linear: on AMX CPUs one bf16 kernel call each, rounding once); a pure decode step
-        there runs the whole layer as one native call (ops.decode_layer), the same kernels chained in C++."""
+        there, or in fp32 on AVX2 CPUs, runs the whole layer as one native call (ops.decode_layer), the same kernels
+        chained in C++."""
         attn, mlp = self.self_attn, self.mlp
         if ctx.fused_decode:
             projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
@@ -254,7 +255,8 @@ class Transformer(nn.Module):
             cos, sin = self._rotations(position_ids[0], torch.float32)
             x = x[0]  # the layers take the step's flattened [T, d] rows
             ctx = AttentionInputs(cos=cos, sin=sin, paged=paged,
-                                  fused_decode=fusable(x, paged, self.config.num_attention_heads))
+                                  fused_decode=fusable(x, paged, self.config.num_attention_heads,
+                                                       self.config.intermediate_size))
         else:
             ctx = self._attention_inputs(x, position_ids, attention_mask, segment_ids, attn_mask, cache)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None and paged is None

@@ -1,28 +1,36 @@
-"""One decoder layer of a sampling-engine decode step in one native call (CPU, bf16 weights and KV cache, AMX tiles;
-csrc/decode_layer.cpp): the kernels the layer otherwise reaches one Python call at a time (ops.linear with its fused
-norm and residual, ops.rope.rope_store_, the tile paged / cascade attention), chained in C++. At a decode step's
-few rows the Python between those calls cost as much as their arithmetic (measured: 12-16 ms of a 27-52 ms step).
-Applies when every sequence of the step decodes one token, they form one attention group (none, or all, sharing
-leading blocks) and there are at most ops.linear.MAX_ROWS of them; other steps take the per-op path, which computes
-the same thing."""
+"""One decoder layer of a sampling-engine decode step in one native call (CPU; csrc/decode_layer.cpp): the kernels the
+layer otherwise reaches one Python call at a time (ops.linear with its fused norm and residual, ops.rope.rope_store_,
+the paged / cascade attention), chained in C++. At a decode step's few rows the Python between those calls cost as
+much as their arithmetic (measured: 12-16 ms of a 27-52 ms bf16 step). Two precisions, as the engine samples: bf16
+weights and KV cache on AMX tiles, float32 ones on AVX2 where the engine samples in fp32 (ops.linear's fp32 kernel
+and ops.paged_attention's fp32 kernels). Applies when every sequence of the step decodes one token, they form one
+attention group (none, or all, sharing leading blocks) and there are at most as many as the linear kernels take;
+other steps take the per-op path, which computes the same thing."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from .backend import as_buffer, choose_backend, needs_autograd
-from .linear import MAX_ROWS, tiles_preferred
+from . import linear as linear_kernels  # by module: which kernels a CPU prefers is looked up at each step
 from .paged_attention import PagedBatch, step_plan
 
 
-def fusable(x: Tensor, paged: PagedBatch, heads: int) -> bool:
+def fusable(x: Tensor, paged: PagedBatch, heads: int, intermediate_size: int) -> bool:
     """Whether this step's layers can run as one call each (x [T, d], the step's residual stream)."""
     k_cache = paged.cache.k[0]
     n_kv, head_dim = k_cache.shape[2], k_cache.shape[3]
-    if not (x.dtype == k_cache.dtype == torch.bfloat16 and tiles_preferred() and x.device.type == "cpu"
-            and x.shape[0] <= MAX_ROWS  # more sequences than that: oneDNN's GEMMs win (see ops.linear)
-            and k_cache.shape[1] == 16 and head_dim % 32 == 0 and x.shape[1] % 32 == 0 and heads // n_kv <= 32
-            and choose_backend(x) == "native" and not needs_autograd(x)):
+    if x.device.type != "cpu" or choose_backend(x) != "native" or needs_autograd(x) or x.dtype != k_cache.dtype:
+        return False
+    # at most as many rows as the linear kernels take: beyond that torch's GEMMs win (ops.linear)
+    if x.dtype == torch.bfloat16:
+        ok = (linear_kernels.tiles_preferred() and x.shape[0] <= linear_kernels.MAX_ROWS and k_cache.shape[1] == 16
+              and head_dim % 32 == 0 and x.shape[1] % 32 == 0 and heads // n_kv <= 32)
+    else:
+        ok = (x.dtype == torch.float32 and linear_kernels.f32_kernel_preferred()
+              and x.shape[0] <= linear_kernels.MAX_ROWS_F32 and head_dim % 16 == 0 and x.shape[1] % 8 == 0
+              and intermediate_size % 8 == 0 and heads // n_kv <= 48)
+    if not ok:
         return False
     return step_plan(paged, k_cache.shape[1])["all_decode"]
 
