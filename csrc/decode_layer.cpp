@@ -143,6 +143,8 @@ void decode_layer(py::array x, py::list weights, py::list biases, py::array inpu
   L.T = x.shape(0), L.d = x.shape(1), L.KV = k_cache.shape(2), L.D = k_cache.shape(3), L.H = heads;
   L.BS = k_cache.shape(1), L.shared_blocks = shared_blocks;
   const int64_t T = L.T, d = L.d, KV = L.KV, D = L.D, H = L.H, NB = k_cache.shape(0), BS = L.BS;
+  if (BS < 1 || KV < 1 || H < 1 || shared_blocks < 0)
+    throw std::invalid_argument("decode_layer: block size, KV heads and heads must be >= 1 and shared_blocks >= 0");
   if (weights.size() != 7 || biases.size() != 3)
     throw std::invalid_argument("decode_layer: expected 7 weights (q, k, v, o, gate, up, down) and 3 biases (q, k, v)");
   L.I = weights[4].cast<py::array>().shape(0);

@@ -3,8 +3,9 @@
 //
 // Why not BLAS: torch's fp32 GEMM at a decode step's few rows runs far below both the CPU's FMA rate and its
 // memory bandwidth (bench/RESULTS.md, AMD Zen 3), so a step that should stream each weight once costs several
-// times that. Here each thread takes a slice of the weight's rows and streams it once: a block of kRows rows
-// (at most 4 x 1536 floats, in L1) meets every token of the step, kTokens at a time, in 12 vector accumulators.
+// times that. Here each thread takes a slice of the weight's rows and streams it once: a block of kRows rows (a
+// piece of K at a time, at most 4 x 640 floats, in L1) meets every token of the step, kTokens at a time, in 12
+// vector accumulators, while the next piece is prefetched.
 #include "linear_f32.h"
 
 #include <immintrin.h>
@@ -100,8 +101,9 @@ CAI_AVX2 void linear_f32_rows(const float* x, int64_t M, int64_t K, const float*
   // floats, and a token block's inputs, 3 x 640, stay in L1 together; the down projection's 1,536 did not) and the
   // next piece is prefetched. With fewer rows the product is bound by memory: the hardware prefetcher streams the
   // rows whole better (both measured on AMD Zen 3: 0.76-0.98x at one row, 1.2-1.5x at 8-32).
+  if (M == 0 || N == 0) return;
   const bool streaming = M >= kTokens;
-  const int64_t pieces = streaming ? (K + kMaxPiece - 1) / kMaxPiece : 1;
+  const int64_t pieces = streaming ? std::max<int64_t>(1, (K + kMaxPiece - 1) / kMaxPiece) : 1;
   const int64_t piece_len = (K / kLanes + pieces - 1) / pieces * kLanes;
   const int64_t blocks = (N + kRows - 1) / kRows;
   auto piece_at = [&](int64_t i, int64_t j) -> Piece {

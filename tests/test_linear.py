@@ -210,6 +210,16 @@ def test_fp32_engine_ops_take_the_kernel_at_step_sizes_only(f32_calls):
 
 
 @needs_avx2
+def test_fp32_kernel_takes_empty_products():
+    """No rows, no outputs or no inputs (K = 0: every output is its bias) are well formed, not a crash."""
+    _native.linear_f32(torch.zeros(0, 16).numpy(), torch.ones(4, 16).numpy(), None, torch.zeros(0, 4).numpy())
+    _native.linear_f32(torch.ones(5, 16).numpy(), torch.zeros(0, 16).numpy(), None, torch.zeros(5, 0).numpy())
+    out = torch.full((5, 3), 7.0)
+    _native.linear_f32(torch.zeros(5, 0).numpy(), torch.zeros(3, 0).numpy(), torch.arange(3.0).numpy(), out.numpy())
+    assert out.tolist() == [[0.0, 1.0, 2.0]] * 5
+
+
+@needs_avx2
 def test_fp32_kernel_names_bad_inputs():
     x, out = torch.zeros(2, 12).numpy(), torch.zeros(2, 4).numpy()
     with pytest.raises(ValueError, match="multiple of 8, got 12"):

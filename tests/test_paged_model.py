@@ -181,20 +181,22 @@ needs_avx2 = pytest.mark.skipif(not _native.linear_f32_available(), reason="CPU 
 
 
 @needs_avx2
-@pytest.mark.parametrize("block_size, heads, kv_heads", [(16, 2, 1), (8, 4, 2)])
-def test_fused_fp32_decode_layers_equal_the_per_op_path_and_float64(monkeypatch, block_size, heads, kv_heads):
+@pytest.mark.parametrize("block_size, heads, kv_heads, intermediate", [(16, 2, 1, 96), (8, 4, 2, 1544)])
+def test_fused_fp32_decode_layers_equal_the_per_op_path_and_float64(monkeypatch, block_size, heads, kv_heads,
+                                                                    intermediate):
     """fp32 engine on AVX2: pure decode steps run each layer as one native call, plain (one job of a single sequence)
     and cascade (five sequences behind a shared 64-token prefix: a token-block remainder of 2 in the linear kernel),
-    with q/k/v biases, GQA and a block size other than 16. Greedy tokens equal the per-op path's and log-probs agree
-    within 1e-4 (the same kernels; only the order of fp32 sums differs: norm, merge), and both within 1e-4 of a
-    float64 recompute (fp32 rounding over 2 layers of a 64-wide model is ~1e-6)."""
+    with q/k/v biases, GQA, a block size other than 16 and a down projection whose K (1,544) goes in three pieces
+    added onto the residual stream in place. Greedy tokens equal the per-op path's and log-probs agree within 1e-4
+    (the same kernels; only the order of fp32 sums differs: norm, merge), and both within 1e-4 of a float64
+    recompute (fp32 rounding over 2 layers of a 64-wide model is ~1e-6)."""
     monkeypatch.setenv("CAI_ENGINE_BACKEND", "native")
     monkeypatch.setattr(linear_mod, "f32_kernel_preferred", lambda: True)
     _, model = hf_and_ours("qwen2", False, seed=15, hidden_size=64, num_attention_heads=heads,
-                           num_key_value_heads=kv_heads, intermediate_size=96, max_position_embeddings=256)
-    calls = []
+                           num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=256)
+    calls = []  # each call's shared_blocks: 0 for the plain job, > 0 for the cascade
     real = _native.decode_layer
-    monkeypatch.setattr(_native, "decode_layer", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(_native, "decode_layer", lambda *a, **k: (calls.append(a[13]), real(*a, **k))[1])
     shared = list(range(20, 84))
     prompts = [list(range(5, 12))] + [shared + list(range(100 + 20 * i, 107 + 20 * i + i)) for i in range(5)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -205,7 +207,8 @@ def test_fused_fp32_decode_layers_equal_the_per_op_path_and_float64(monkeypatch,
                 + llm.generate(prompts[1:], params)]
 
     fused = run()
-    assert len(calls) >= 2 * 11 * 2                                  # 2 layers x 11 decode steps x 2 jobs
+    assert calls.count(0) >= 2 * 11                                  # plain: 2 layers x 11 decode steps
+    assert sum(shared == 64 // block_size for shared in calls) >= 2 * 11  # cascade over the prefix's blocks
     monkeypatch.setattr(decoder_mod, "fusable", lambda *a: False)
     calls.clear()
     per_op = run()
@@ -242,3 +245,17 @@ def test_fused_fp32_decode_layer_names_bad_inputs():
         call(cache=f32(8, 8, KV, 24), heads=H)
     with pytest.raises(ValueError, match="gate_weight: expected size 64 on axis 1, got 56"):
         call(weights=weights[:4] + [f32(I, 56)] + weights[5:])
+    with pytest.raises(ValueError, match="at most 48 query heads per KV head"):
+        call(weights=[f32(49 * D, d), *weights[1:3], f32(d, 49 * D), *weights[4:]], heads=49)
+    with pytest.raises(ValueError, match="intermediate sizes multiples of 8"):
+        call(weights=weights[:4] + [f32(92, d), f32(92, d), f32(d, 92)])
+    with pytest.raises(ValueError, match="v_cache: expected float32, got dtype int16"):
+        _native.decode_layer(f32(T, d), weights, [None] * 3, torch.ones(d).numpy(), torch.ones(d).numpy(), 1e-5, rot,
+                             rot, f32(8, 8, KV, D), torch.zeros(8, 8, KV, D).bfloat16().view(torch.int16).numpy(),
+                             torch.tensor([19, 35]).numpy(), torch.zeros(2, 3, dtype=torch.int32).numpy(),
+                             torch.tensor((20, 20), dtype=torch.int32).numpy(), 0, H, 0.2)
+    with pytest.raises(ValueError, match="shared_blocks >= 0"):
+        _native.decode_layer(f32(T, d), weights, [None] * 3, torch.ones(d).numpy(), torch.ones(d).numpy(), 1e-5, rot,
+                             rot, f32(8, 8, KV, D), f32(8, 8, KV, D), torch.tensor([19, 35]).numpy(),
+                             torch.zeros(2, 3, dtype=torch.int32).numpy(),
+                             torch.tensor((20, 20), dtype=torch.int32).numpy(), -1, H, 0.2)
