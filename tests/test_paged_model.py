@@ -129,28 +129,35 @@ def test_fused_decode_layers_equal_the_per_op_path_and_float64(monkeypatch, amx)
     monkeypatch.setattr(_native, "decode_layer", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     shared = list(range(20, 84))                                     # 4 full blocks: a cascade group
     prompts = [list(range(5, 12)), shared + list(range(100, 112)), shared + [3] * 15, shared + list(range(200, 220))]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-
-    def run():
-        llm = LLM(model, tiny_tokenizer(), kv_cache_bytes=1 << 22, block_size=16)
-        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate([prompts[0]], params)
-                + llm.generate(prompts[1:], params)]
-
-    fused = run()
+    fused = greedy_jobs(model, prompts, block_size=16)
     assert len(calls) >= 2 * 11 * 2                                  # 2 layers x 11 decode steps x 2 jobs
     monkeypatch.setattr(decoder_mod, "fusable", lambda *a: False)
     calls.clear()
-    per_op = run()
+    per_op = greedy_jobs(model, prompts, block_size=16)
     assert not calls
+    assert_agree_and_exact(model, prompts, fused, per_op, agree=2e-3, exact=2e-2)
+
+
+def greedy_jobs(model, prompts, block_size):
+    """(token ids, log-probs) of 12 greedy tokens per prompt: the first prompt alone, then the rest as one job."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm = LLM(model, tiny_tokenizer(), kv_cache_bytes=1 << 22, block_size=block_size)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate([prompts[0]], params)
+            + llm.generate(prompts[1:], params)]
+
+
+def assert_agree_and_exact(model, prompts, fused, per_op, agree, exact):
+    """The fused and per-op runs' greedy tokens are equal, their log-probs within `agree` of each other and each
+    within `exact` of a float64 recompute over the same weights."""
     ref = copy.deepcopy(model).double()
     for prompt, (tokens, logprobs), (tokens_op, logprobs_op) in zip(prompts, fused, per_op):
         assert tokens == tokens_op
-        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(logprobs_op), atol=2e-3, rtol=0)
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(logprobs_op), atol=agree, rtol=0)
         with torch.no_grad():
             z = ref.logits(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1].log_softmax(-1)
-        exact = z.gather(1, torch.tensor(tokens)[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.float64), exact, atol=2e-2, rtol=0)
-        torch.testing.assert_close(torch.tensor(logprobs_op, dtype=torch.float64), exact, atol=2e-2, rtol=0)
+        want = z.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.float64), want, atol=exact, rtol=0)
+        torch.testing.assert_close(torch.tensor(logprobs_op, dtype=torch.float64), want, atol=exact, rtol=0)
 
 
 @pytest.mark.skipif(not _native.bf16_kernels_available(), reason="CPU lacks AVX512-BF16")
@@ -199,28 +206,14 @@ def test_fused_fp32_decode_layers_equal_the_per_op_path_and_float64(monkeypatch,
     monkeypatch.setattr(_native, "decode_layer", lambda *a, **k: (calls.append(a[13]), real(*a, **k))[1])
     shared = list(range(20, 84))
     prompts = [list(range(5, 12))] + [shared + list(range(100 + 20 * i, 107 + 20 * i + i)) for i in range(5)]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-
-    def run():
-        llm = LLM(model, tiny_tokenizer(), kv_cache_bytes=1 << 22, block_size=block_size)
-        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate([prompts[0]], params)
-                + llm.generate(prompts[1:], params)]
-
-    fused = run()
+    fused = greedy_jobs(model, prompts, block_size)
     assert calls.count(0) >= 2 * 11                                  # plain: 2 layers x 11 decode steps
     assert sum(shared == 64 // block_size for shared in calls) >= 2 * 11  # cascade over the prefix's blocks
     monkeypatch.setattr(decoder_mod, "fusable", lambda *a: False)
     calls.clear()
-    per_op = run()
+    per_op = greedy_jobs(model, prompts, block_size)
     assert not calls
-    ref = copy.deepcopy(model).double()
-    for prompt, (tokens, logprobs), (tokens_op, logprobs_op) in zip(prompts, fused, per_op):
-        assert tokens == tokens_op
-        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(logprobs_op), atol=1e-4, rtol=0)
-        with torch.no_grad():
-            z = ref.logits(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1].log_softmax(-1)
-        exact = z.gather(1, torch.tensor(tokens)[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.float64), exact, atol=1e-4, rtol=0)
+    assert_agree_and_exact(model, prompts, fused, per_op, agree=1e-4, exact=1e-4)
 
 
 @needs_avx2
